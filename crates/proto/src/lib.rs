@@ -99,7 +99,11 @@ pub const RENAME_EXCHANGE: u32 = 2;
 pub enum Op {
     /// Write the frame's payload at `offset`. `mtime` is the file's mtime
     /// after the write.
-    Write { path: RelPath, offset: u64, mtime: Timestamp },
+    Write {
+        path: RelPath,
+        offset: u64,
+        mtime: Timestamp,
+    },
     /// Create an empty regular file (fails on the mirror if the name exists
     /// as a non-regular file; an existing regular file is truncated to 0).
     Create {
@@ -144,8 +148,14 @@ pub enum Op {
         new: RelPath,
         parent_mtime: Option<Timestamp>,
     },
-    Unlink { path: RelPath, parent_mtime: Option<Timestamp> },
-    Rmdir { path: RelPath, parent_mtime: Option<Timestamp> },
+    Unlink {
+        path: RelPath,
+        parent_mtime: Option<Timestamp>,
+    },
+    Rmdir {
+        path: RelPath,
+        parent_mtime: Option<Timestamp>,
+    },
     Rename {
         from: RelPath,
         to: RelPath,
@@ -172,7 +182,10 @@ pub enum Op {
         /// with 0 (the mount already checked the condition).
         flags: u32,
     },
-    RemoveXattr { path: RelPath, name: Vec<u8> },
+    RemoveXattr {
+        path: RelPath,
+        name: Vec<u8>,
+    },
     /// fallocate(2) with its mode bits (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE...).
     Fallocate {
         path: RelPath,
@@ -234,14 +247,18 @@ impl Op {
     pub fn validate(&self, payload_len: usize) -> Result<(), ProtoError> {
         let not_root = |p: &RelPath| {
             if p.is_root() {
-                Err(ProtoError::Invalid("operation names the replicated root itself"))
+                Err(ProtoError::Invalid(
+                    "operation names the replicated root itself",
+                ))
             } else {
                 Ok(())
             }
         };
         let ts = |t: &Option<Timestamp>| t.map(|t| t.validate()).unwrap_or(Ok(()));
         if !matches!(self, Op::Write { .. }) && payload_len != 0 {
-            return Err(ProtoError::Invalid("payload on an operation that takes none"));
+            return Err(ProtoError::Invalid(
+                "payload on an operation that takes none",
+            ));
         }
         match self {
             Op::Write { offset, mtime, .. } => {
@@ -254,22 +271,49 @@ impl Op {
                     .filter(|end| *end <= i64::MAX as u64)
                     .ok_or(ProtoError::Invalid("write range overflows"))?;
             }
-            Op::Create { path, mtime, parent_mtime, .. }
-            | Op::Mknod { path, mtime, parent_mtime, .. }
-            | Op::Mkdir { path, mtime, parent_mtime, .. } => {
+            Op::Create {
+                path,
+                mtime,
+                parent_mtime,
+                ..
+            }
+            | Op::Mknod {
+                path,
+                mtime,
+                parent_mtime,
+                ..
+            }
+            | Op::Mkdir {
+                path,
+                mtime,
+                parent_mtime,
+                ..
+            } => {
                 not_root(path)?;
                 mtime.validate()?;
                 ts(parent_mtime)?;
             }
-            Op::Symlink { path, target, mtime, parent_mtime, .. } => {
+            Op::Symlink {
+                path,
+                target,
+                mtime,
+                parent_mtime,
+                ..
+            } => {
                 not_root(path)?;
                 mtime.validate()?;
                 ts(parent_mtime)?;
                 if target.is_empty() || target.len() > 4095 || target.contains(&0) {
-                    return Err(ProtoError::Invalid("symlink target empty, too long or has NUL"));
+                    return Err(ProtoError::Invalid(
+                        "symlink target empty, too long or has NUL",
+                    ));
                 }
             }
-            Op::Link { existing, new, parent_mtime } => {
+            Op::Link {
+                existing,
+                new,
+                parent_mtime,
+            } => {
                 not_root(existing)?;
                 not_root(new)?;
                 ts(parent_mtime)?;
@@ -278,7 +322,13 @@ impl Op {
                 not_root(path)?;
                 ts(parent_mtime)?;
             }
-            Op::Rename { from, to, flags, from_parent_mtime, to_parent_mtime } => {
+            Op::Rename {
+                from,
+                to,
+                flags,
+                from_parent_mtime,
+                to_parent_mtime,
+            } => {
                 not_root(from)?;
                 not_root(to)?;
                 ts(from_parent_mtime)?;
@@ -289,7 +339,13 @@ impl Op {
                     return Err(ProtoError::Invalid("bad rename flags"));
                 }
             }
-            Op::SetAttr { mode, size, atime, mtime, .. } => {
+            Op::SetAttr {
+                mode,
+                size,
+                atime,
+                mtime,
+                ..
+            } => {
                 if let Some(m) = mode {
                     if m & !0o7777 != 0 {
                         return Err(ProtoError::Invalid("setattr mode has file-type bits"));
@@ -306,7 +362,9 @@ impl Op {
                     }
                 }
             }
-            Op::SetXattr { name, value, flags, .. } => {
+            Op::SetXattr {
+                name, value, flags, ..
+            } => {
                 validate_xattr_name(name)?;
                 if value.len() > MAX_XATTR_VALUE {
                     return Err(ProtoError::Invalid("xattr value too large"));
@@ -316,7 +374,13 @@ impl Op {
                 }
             }
             Op::RemoveXattr { name, .. } => validate_xattr_name(name)?,
-            Op::Fallocate { path, offset, len, mtime, .. } => {
+            Op::Fallocate {
+                path,
+                offset,
+                len,
+                mtime,
+                ..
+            } => {
                 not_root(path)?;
                 mtime.validate()?;
                 offset
@@ -367,7 +431,9 @@ impl std::str::FromStr for Mode {
             "sync" => Ok(Mode::Sync),
             "strict" => Ok(Mode::Strict),
             "async" => Ok(Mode::Async),
-            other => Err(format!("unknown mode '{other}': expected sync, strict or async")),
+            other => Err(format!(
+                "unknown mode '{other}': expected sync, strict or async"
+            )),
         }
     }
 }
@@ -432,16 +498,28 @@ pub enum FromMirror {
         node: String,
     },
     /// The handshake is refused (version, unknown node, busy...).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     /// A part of the manifest; `last` marks the final chunk.
-    Manifest { entries: Vec<ManifestEntry>, last: bool },
+    Manifest {
+        entries: Vec<ManifestEntry>,
+        last: bool,
+    },
     /// Everything up to `applied` is applied; everything up to `durable` is
     /// on the mirror's disk. Both are monotonic.
-    Ack { applied: Seq, durable: Seq },
+    Ack {
+        applied: Seq,
+        durable: Seq,
+    },
     /// The mirror could not apply `seq` (its tree diverged from the mount's,
     /// or its disk failed). It applies nothing after it; the mount must
     /// resynchronise.
-    Failed { seq: Seq, errno: i32, reason: String },
+    Failed {
+        seq: Seq,
+        errno: i32,
+        reason: String,
+    },
 }
 
 /// Errors of decoding and validation.
@@ -468,10 +546,15 @@ pub struct Frame<H> {
 
 /// Encodes a frame into `out` (appending). Fails only if the header cannot
 /// be serialised or the frame would exceed the limits.
-pub fn encode_frame<H: Serialize>(header: &H, payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtoError> {
+pub fn encode_frame<H: Serialize>(
+    header: &H,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
-    let header_bytes = postcard::to_extend(header, Vec::new()).map_err(|e| ProtoError::Decode(e.to_string()))?;
+    let header_bytes =
+        postcard::to_extend(header, Vec::new()).map_err(|e| ProtoError::Decode(e.to_string()))?;
     if header_bytes.len() > MAX_HEADER_BYTES {
         out.truncate(start);
         return Err(ProtoError::BadHeaderLength(header_bytes.len()));
@@ -502,7 +585,9 @@ pub fn frame_body_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
 }
 
 /// Decodes the body of a frame (everything after the 4-byte length prefix).
-pub fn decode_body<H: for<'de> Deserialize<'de>>(mut body: Vec<u8>) -> Result<Frame<H>, ProtoError> {
+pub fn decode_body<H: for<'de> Deserialize<'de>>(
+    mut body: Vec<u8>,
+) -> Result<Frame<H>, ProtoError> {
     if body.len() < 4 {
         return Err(ProtoError::BadHeaderLength(body.len()));
     }
@@ -510,14 +595,17 @@ pub fn decode_body<H: for<'de> Deserialize<'de>>(mut body: Vec<u8>) -> Result<Fr
     if hlen > MAX_HEADER_BYTES || hlen > body.len() - 4 {
         return Err(ProtoError::BadHeaderLength(hlen));
     }
-    let (header, rest) =
-        postcard::take_from_bytes::<H>(&body[4..4 + hlen]).map_err(|e| ProtoError::Decode(e.to_string()))?;
+    let (header, rest) = postcard::take_from_bytes::<H>(&body[4..4 + hlen])
+        .map_err(|e| ProtoError::Decode(e.to_string()))?;
     if !rest.is_empty() {
         return Err(ProtoError::Decode("trailing bytes after header".into()));
     }
     // The payload is what follows the header; reuse the allocation.
     body.drain(..4 + hlen);
-    Ok(Frame { header, payload: body })
+    Ok(Frame {
+        header,
+        payload: body,
+    })
 }
 
 /// Decodes and validates a message arriving at the mirror.
@@ -525,7 +613,9 @@ pub fn decode_to_mirror(body: Vec<u8>) -> Result<Frame<ToMirror>, ProtoError> {
     let frame: Frame<ToMirror> = decode_body(body)?;
     match &frame.header {
         ToMirror::Op { op, .. } => op.validate(frame.payload.len())?,
-        _ if !frame.payload.is_empty() => return Err(ProtoError::Invalid("payload on a control message")),
+        _ if !frame.payload.is_empty() => {
+            return Err(ProtoError::Invalid("payload on a control message"))
+        }
         ToMirror::Hello { node, .. } if node.is_empty() || node.len() > 64 => {
             return Err(ProtoError::Invalid("bad node name in hello"))
         }

@@ -7,7 +7,10 @@ fn p(s: &str) -> RelPath {
 #[test]
 fn relpath_rejects_escapes() {
     for bad in ["..", "a/../b", "/abs", "a//b", ".", "a/./b", "a/"] {
-        assert!(RelPath::parse(bad.as_bytes()).is_err(), "{bad} must be refused");
+        assert!(
+            RelPath::parse(bad.as_bytes()).is_err(),
+            "{bad} must be refused"
+        );
     }
     assert!(RelPath::parse(b"a\0b").is_err());
     assert!(RelPath::from_components(vec![b"x/y".to_vec()]).is_err());
@@ -31,7 +34,11 @@ fn relpath_deserialisation_validates() {
 fn frame_roundtrip_with_payload() {
     let msg = ToMirror::Op {
         seq: 7,
-        op: Op::Write { path: p("dir/file"), offset: 4096, mtime: Timestamp { sec: 1, nsec: 2 } },
+        op: Op::Write {
+            path: p("dir/file"),
+            offset: 4096,
+            mtime: Timestamp { sec: 1, nsec: 2 },
+        },
     };
     let mut buf = Vec::new();
     encode_frame(&msg, b"hello", &mut buf).unwrap();
@@ -70,12 +77,46 @@ fn oversized_and_garbage_frames_are_refused() {
 #[test]
 fn op_validation() {
     let t = Timestamp { sec: 0, nsec: 0 };
-    let bad_nsec = Timestamp { sec: 0, nsec: 1_000_000_000 };
-    assert!(Op::Unlink { path: RelPath::root(), parent_mtime: None }.validate(0).is_err());
-    assert!(Op::Write { path: p("f"), offset: u64::MAX - 1, mtime: t }.validate(10).is_err());
-    assert!(Op::Write { path: p("f"), offset: 0, mtime: bad_nsec }.validate(1).is_err());
-    assert!(Op::Write { path: p("f"), offset: 0, mtime: t }.validate(MAX_WRITE_PAYLOAD + 1).is_err());
-    assert!(Op::Unlink { path: p("f"), parent_mtime: None }.validate(1).is_err(), "payload on unlink");
+    let bad_nsec = Timestamp {
+        sec: 0,
+        nsec: 1_000_000_000,
+    };
+    assert!(Op::Unlink {
+        path: RelPath::root(),
+        parent_mtime: None
+    }
+    .validate(0)
+    .is_err());
+    assert!(Op::Write {
+        path: p("f"),
+        offset: u64::MAX - 1,
+        mtime: t
+    }
+    .validate(10)
+    .is_err());
+    assert!(Op::Write {
+        path: p("f"),
+        offset: 0,
+        mtime: bad_nsec
+    }
+    .validate(1)
+    .is_err());
+    assert!(Op::Write {
+        path: p("f"),
+        offset: 0,
+        mtime: t
+    }
+    .validate(MAX_WRITE_PAYLOAD + 1)
+    .is_err());
+    assert!(
+        Op::Unlink {
+            path: p("f"),
+            parent_mtime: None
+        }
+        .validate(1)
+        .is_err(),
+        "payload on unlink"
+    );
     let ren = |flags| Op::Rename {
         from: p("a"),
         to: p("b"),
@@ -95,7 +136,10 @@ fn op_validation() {
         parent_mtime: None,
     };
     assert!(sym(b"").validate(0).is_err());
-    assert!(sym(b"../../etc/passwd").validate(0).is_ok(), "targets are data, never followed");
+    assert!(
+        sym(b"../../etc/passwd").validate(0).is_ok(),
+        "targets are data, never followed"
+    );
     let sa = Op::SetAttr {
         path: p("f"),
         mode: Some(0o170777),
