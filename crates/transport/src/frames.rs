@@ -1,0 +1,136 @@
+//! Frame I/O over QUIC streams, with hapair-proto's framing: a big-endian
+//! u32 length of what follows, then the body.
+
+use anyhow::{bail, Context, Result};
+use hapair_proto::{encode_frame, frame_body_len};
+
+/// Writes frames to a QUIC send stream.
+pub struct FrameWriter {
+    stream: quinn::SendStream,
+    /// Reused between frames so that steady streaming does not allocate.
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    pub fn new(stream: quinn::SendStream) -> Self {
+        FrameWriter {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Encodes one frame with [`hapair_proto::encode_frame`] and writes it.
+    pub async fn send<H: serde::Serialize>(&mut self, header: &H, payload: &[u8]) -> Result<()> {
+        self.buf.clear();
+        encode_frame(header, payload, &mut self.buf).context("cannot encode frame")?;
+        self.stream
+            .write_all(&self.buf)
+            .await
+            .context("cannot write frame to the stream")?;
+        // Do not keep a buffer sized for the largest frame ever sent forever.
+        if self.buf.capacity() > 2 * hapair_proto::MAX_WRITE_PAYLOAD {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Writes already-encoded frames (one contiguous buffer of frames built
+    /// with [`hapair_proto::encode_frame`]) in one call.
+    pub async fn send_raw(&mut self, encoded: &[u8]) -> Result<()> {
+        self.stream
+            .write_all(encoded)
+            .await
+            .context("cannot write frames to the stream")?;
+        Ok(())
+    }
+
+    /// Marks the end of the stream. Data written so far is still delivered
+    /// as long as the connection stays open; this does not wait for the peer.
+    pub async fn finish(mut self) -> Result<()> {
+        self.stream.finish().context("cannot finish the stream")?;
+        Ok(())
+    }
+
+    /// The underlying stream (for priorities, or to wait for `stopped`).
+    pub fn stream_mut(&mut self) -> &mut quinn::SendStream {
+        &mut self.stream
+    }
+}
+
+/// Reads frames from a QUIC receive stream.
+///
+/// [`FrameReader::next_body`] is cancel-safe: the partial frame is kept in
+/// the reader, so it can be used in `tokio::select!` or under a timeout and
+/// called again.
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    prefix: [u8; 4],
+    prefix_filled: usize,
+    /// The body being read, once its length is known.
+    body: Option<Vec<u8>>,
+    body_filled: usize,
+}
+
+impl FrameReader {
+    pub fn new(stream: quinn::RecvStream) -> Self {
+        FrameReader {
+            stream,
+            prefix: [0; 4],
+            prefix_filled: 0,
+            body: None,
+            body_filled: 0,
+        }
+    }
+
+    /// Reads one frame body (the bytes after the length prefix). A length
+    /// over [`hapair_proto::MAX_FRAME_BYTES`] is refused before anything is
+    /// allocated. Returns `Ok(None)` when the peer finished the stream
+    /// cleanly between frames; an end inside a frame is an error.
+    pub async fn next_body(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.body.is_none() {
+            while self.prefix_filled < 4 {
+                let n = self
+                    .stream
+                    .read(&mut self.prefix[self.prefix_filled..])
+                    .await
+                    .context("cannot read a frame length from the stream")?;
+                match n {
+                    Some(n) => self.prefix_filled += n,
+                    None if self.prefix_filled == 0 => return Ok(None),
+                    None => bail!(
+                        "stream ended inside a frame length ({} of 4 bytes)",
+                        self.prefix_filled
+                    ),
+                }
+            }
+            let len = frame_body_len(self.prefix).context("refusing frame")?;
+            self.body = Some(vec![0u8; len]);
+            self.body_filled = 0;
+        }
+        if let Some(body) = self.body.as_mut() {
+            while self.body_filled < body.len() {
+                let n = self
+                    .stream
+                    .read(&mut body[self.body_filled..])
+                    .await
+                    .context("cannot read a frame from the stream")?;
+                match n {
+                    Some(n) => self.body_filled += n,
+                    None => bail!(
+                        "stream ended inside a frame ({} of {} bytes)",
+                        self.body_filled,
+                        body.len()
+                    ),
+                }
+            }
+        }
+        self.prefix_filled = 0;
+        self.body_filled = 0;
+        Ok(self.body.take())
+    }
+
+    /// The underlying stream (for example to `stop` it).
+    pub fn stream_mut(&mut self) -> &mut quinn::RecvStream {
+        &mut self.stream
+    }
+}

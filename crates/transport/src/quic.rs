@@ -1,0 +1,333 @@
+//! QUIC endpoints with mutual TLS between the nodes of one cluster.
+//!
+//! Both sides authenticate with a certificate signed by the cluster CA
+//! (see [`crate::tls_init`]). TLS 1.3 only, ring crypto, no session
+//! resumption (connections are rare and long-lived, so every handshake does
+//! the full certificate check).
+
+use crate::certs::{validate_node_name, TlsMaterial};
+use anyhow::{anyhow, Context, Result};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// The ring crypto provider, built once. Configurations name it explicitly
+/// so that they do not depend on the process-wide default.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// Installs ring as the process-wide rustls crypto provider. Idempotent: if
+/// a provider is already installed (by an earlier call or by someone else),
+/// it is left in place. The configurations built by this crate name ring
+/// explicitly, so they work either way.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// QUIC transport parameters. The defaults suit a pair of nodes on one LAN
+/// with a replication pipeline of about 32 MiB in flight; quinn's own
+/// defaults are sized for wide-area links and would throttle it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportTuning {
+    /// How often an idle connection sends a keep-alive (must be well under
+    /// `max_idle_timeout`).
+    pub keep_alive_interval: Duration,
+    /// A connection that hears nothing from its peer for this long is closed.
+    /// The effective value is the smaller of both sides'.
+    pub max_idle_timeout: Duration,
+    /// How many bytes one stream may have in flight unread by the receiver.
+    pub stream_receive_window_bytes: u64,
+    /// How many bytes all streams of a connection together may have in flight.
+    pub receive_window_bytes: u64,
+    /// How many bytes the sender buffers for unacknowledged data.
+    pub send_window_bytes: u64,
+    /// Most bidirectional streams the peer may open at once.
+    pub max_concurrent_bidi_streams: u32,
+}
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        TransportTuning {
+            keep_alive_interval: Duration::from_secs(1),
+            max_idle_timeout: Duration::from_secs(10),
+            // 32 MiB of pipeline plus room for one maximal frame, so that a
+            // full pipeline never stalls on the last frame's flow credit.
+            stream_receive_window_bytes: 40 << 20,
+            receive_window_bytes: 64 << 20,
+            send_window_bytes: 64 << 20,
+            max_concurrent_bidi_streams: 16,
+        }
+    }
+}
+
+impl TransportTuning {
+    /// Builds quinn's transport configuration. The MTU is left at quinn's
+    /// defaults on purpose: a large `initial_mtu` hung bulk transfers on
+    /// loopback.
+    pub fn transport_config(&self) -> Result<TransportConfig> {
+        if self.keep_alive_interval.is_zero() || self.keep_alive_interval >= self.max_idle_timeout {
+            anyhow::bail!(
+                "keep-alive interval {:?} must be non-zero and shorter than the idle timeout {:?}",
+                self.keep_alive_interval,
+                self.max_idle_timeout
+            );
+        }
+        let mut t = TransportConfig::default();
+        t.keep_alive_interval(Some(self.keep_alive_interval));
+        t.max_idle_timeout(Some(IdleTimeout::try_from(self.max_idle_timeout).map_err(
+            |_| anyhow!("idle timeout {:?} is out of range", self.max_idle_timeout),
+        )?));
+        let varint = |v: u64, what: &str| {
+            VarInt::from_u64(v).map_err(|_| anyhow!("{what} {v} is out of range"))
+        };
+        t.stream_receive_window(varint(
+            self.stream_receive_window_bytes,
+            "stream receive window",
+        )?);
+        t.receive_window(varint(self.receive_window_bytes, "receive window")?);
+        t.send_window(self.send_window_bytes);
+        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams));
+        // hapair uses bidirectional streams only.
+        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        Ok(t)
+    }
+}
+
+/// A QUIC server endpoint bound to `addr` with default tuning. See
+/// [`server_endpoint_with`].
+pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+) -> Result<quinn::Endpoint> {
+    server_endpoint_with(addr, tls, alpn, &TransportTuning::default())
+}
+
+/// A QUIC server endpoint bound to `addr`. It presents this node's
+/// certificate and requires every client to present a certificate signed by
+/// the cluster CA (and usable for client authentication). Clients must offer
+/// the ALPN `alpn`.
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+    tuning: &TransportTuning,
+) -> Result<quinn::Endpoint> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(tls.roots.clone(), provider.clone())
+        .build()
+        .context("cannot build the client certificate verifier")?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is not available with the ring provider")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls.chain.clone(), tls.key.clone_key())
+        .with_context(|| {
+            format!(
+                "the certificate or key of node '{}' is unusable",
+                tls.node()
+            )
+        })?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    // QUIC requires 0 or u32::MAX here; 0-RTT is not used.
+    cfg.max_early_data_size = 0;
+    cfg.session_storage = Arc::new(NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    let quic =
+        QuicServerConfig::try_from(cfg).context("the TLS configuration is not usable for QUIC")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(tuning.transport_config()?));
+    quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on UDP {addr}"))
+}
+
+/// A client endpoint with default tuning. See [`client_endpoint_with`].
+pub fn client_endpoint(
+    peer: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+) -> Result<quinn::Endpoint> {
+    client_endpoint_with(peer, tls, alpn, &TransportTuning::default())
+}
+
+/// A client endpoint bound to an ephemeral port of the same address family
+/// as `peer`, presenting this node's certificate and offering `alpn`. Use it
+/// with [`connect`].
+pub fn client_endpoint_with(
+    peer: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+    tuning: &TransportTuning,
+) -> Result<quinn::Endpoint> {
+    let provider = provider();
+    let verifier = ClusterServerVerifier {
+        roots: tls.roots.clone(),
+        algs: provider.signature_verification_algorithms,
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 is not available with the ring provider")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(tls.chain.clone(), tls.key.clone_key())
+        .with_context(|| {
+            format!(
+                "the certificate or key of node '{}' is unusable",
+                tls.node()
+            )
+        })?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_early_data = false;
+    let quic =
+        QuicClientConfig::try_from(cfg).context("the TLS configuration is not usable for QUIC")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(tuning.transport_config()?));
+
+    let bind: SocketAddr = match peer {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let mut ep = quinn::Endpoint::client(bind)
+        .with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Connects to `peer` and completes the handshake within `timeout`.
+///
+/// The server's certificate must chain to the cluster CA. With
+/// `expected_node`, it must also be that node's certificate; with `None`,
+/// any node certificate of the cluster is accepted (use [`peer_node_name`] to
+/// learn which).
+///
+/// With TLS 1.3 the client finishes its handshake before the server has
+/// checked the client's certificate: if the server refuses it, this returns
+/// a connection that fails on its first stream operation.
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    peer: SocketAddr,
+    expected_node: Option<&str>,
+    timeout: Duration,
+) -> Result<quinn::Connection> {
+    // The verifier checks the name when it is a DNS name. Without an
+    // expected node, the peer's IP address is passed instead, which the
+    // verifier takes as "any node of the cluster" (node names are never IP
+    // addresses, see `validate_node_name`).
+    let server_name = match expected_node {
+        Some(node) => {
+            validate_node_name(node).context("expected peer node name")?;
+            node.to_string()
+        }
+        None => peer.ip().to_string(),
+    };
+    let connecting = ep
+        .connect(peer, &server_name)
+        .with_context(|| format!("cannot start a connection to {peer}"))?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context(match expected_node {
+            Some(node) => format!("handshake with node '{node}' at {peer} failed"),
+            None => format!("handshake with {peer} failed"),
+        })),
+        Err(_) => Err(anyhow!("connecting to {peer} timed out after {timeout:?}")),
+    }
+}
+
+/// The node name of the authenticated peer: the first DNS subject
+/// alternative name of its certificate, else its common name. `None` if the
+/// peer presented no certificate (which the endpoints of this crate never
+/// accept) or it cannot be parsed.
+pub fn peer_node_name(conn: &quinn::Connection) -> Option<String> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    node_name_of(certs.first()?)
+}
+
+fn node_name_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(n) = name {
+                return Some((*n).to_string());
+            }
+        }
+    }
+    let cn = x509.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
+/// Checks a server certificate against the cluster CA: always the chain
+/// (signatures, validity dates, serverAuth usage), and the name when the
+/// client asked for a DNS name. An IP address as server name means "any node
+/// of the cluster" (see [`connect`]).
+#[derive(Debug)]
+struct ClusterServerVerifier {
+    roots: Arc<RootCertStore>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ClusterServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        match server_name {
+            ServerName::DnsName(_) => rustls::client::verify_server_name(&cert, server_name)?,
+            ServerName::IpAddress(_) => {}
+            _ => {
+                return Err(rustls::Error::General(
+                    "unsupported server name type".into(),
+                ))
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
