@@ -1,0 +1,1688 @@
+//! The FUSE passthrough: every request is executed on the backing directory
+//! and every mutation is reported to the [`Replicator`] in execution order.
+//!
+//! # Locks (always taken in this order)
+//! 1. `order` (Mutex): held by every mutating request across the local
+//!    syscall, the reading of the resulting attributes, the path computation
+//!    and `Replicator::record()`. So the op stream order is the execution
+//!    order. Reads, getattr, readdir and lookup never take it.
+//! 2. `ns` (RwLock): the namespace. Mutations that change names (create,
+//!    mkdir, mknod, symlink, link, unlink, rmdir, rename) hold it for writing
+//!    across the syscall and the table update; `lookup` holds it for reading
+//!    across `openat` + registering the name, so a lookup never re-adds a
+//!    name that a concurrent rename just moved away.
+//! 3. `table` (Mutex): the inode table, held only for short in-memory work.
+//!
+//! `Replicator::after_mutation()` and `durability_point()` are called with no
+//! lock held.
+//!
+//! # What is recorded for files that have no path
+//! A file that was unlinked while still open is no longer part of the tree:
+//! writes, truncates, attribute and xattr changes made through its open
+//! handles are executed locally but not recorded (the mirror has no such
+//! file, and the file disappears when it is closed). A file that lost the
+//! last name the kernel knew but is still linked elsewhere (a hard link never
+//! looked up since the mount) is found again by scanning the backing tree
+//! before anything is recorded for it.
+
+use crate::inode::{InodeTable, ROOT};
+use crate::sys::{self, R};
+use crate::Replicator;
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use hapair_proto::{Op, RelPath, Seq, TimeSet, Timestamp};
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Attribute and entry cache lifetime given to the kernel. Every mutating
+/// reply carries fresh attributes, and all changes go through this mount, so
+/// the cache only has to be short enough for changes the kernel cannot see
+/// (none in normal operation).
+const TTL: Duration = Duration::from_secs(1);
+
+/// Most backing entries examined when searching for a lost hard link name.
+const SCAN_LIMIT_ENTRIES: u64 = 2_000_000;
+
+/// Kernel max_write asked for (the protocol's payload limit).
+const MAX_WRITE_BYTES: u32 = hapair_proto::MAX_WRITE_PAYLOAD as u32;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking handler must not take the whole mount down with it.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct FileH {
+    fd: OwnedFd,
+    ino: u64,
+    /// Opened with O_APPEND (and no writeback cache): the filesystem places
+    /// every write at the end of the file itself.
+    append: bool,
+    /// O_SYNC (full fsync) / O_DSYNC (fdatasync): each write is a durability
+    /// point. `Some(true)` = data sync.
+    sync: Option<bool>,
+}
+
+struct DirState {
+    /// The offset the `entries` buffer starts at.
+    pos: i64,
+    entries: VecDeque<sys::DirEntry>,
+    eof: bool,
+}
+
+struct DirH {
+    fd: OwnedFd,
+    st: Mutex<DirState>,
+}
+
+/// What to create in `create_node`.
+enum NewKind<'a> {
+    File { flags: i32, mode: u32 },
+    Node { mode: u32, rdev: u64 },
+    Dir { mode: u32 },
+    Symlink { target: &'a CStr },
+}
+
+/// The filesystem. See the module documentation for the locking rules.
+pub struct ReplicaFs {
+    repl: Arc<dyn Replicator>,
+    order: Mutex<()>,
+    ns: RwLock<()>,
+    table: Mutex<InodeTable>,
+    files: Mutex<HashMap<u64, Arc<FileH>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirH>>>,
+    next_fh: AtomicU64,
+    /// Ops recorded so far (a local count, independent of the replicator's
+    /// sequence numbering).
+    recorded: AtomicU64,
+    /// Value of `recorded` covered by the last completed durability point.
+    durable: AtomicU64,
+    pub(crate) writeback_cache: bool,
+    /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask
+    /// to the filesystem (FUSE_DONT_MASK).
+    pub(crate) posix_acl: bool,
+}
+
+thread_local! {
+    static UMASK_READY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets the umask this FUSE worker thread creates files with. Without
+/// POSIX ACL support the kernel has already applied the application's umask
+/// to the mode, so the thread uses 0. With it (FUSE_DONT_MASK), the backing
+/// must apply either the application's umask or the parent's default ACL,
+/// exactly as it would for the application: the thread uses the request's
+/// umask.
+fn set_thread_umask(mask: u32) -> R<()> {
+    if !UMASK_READY.with(|c| c.get()) {
+        sys::unshare_fs().inspect_err(|e| {
+            tracing::error!(
+                errno = e.code(),
+                "cannot give the FUSE thread its own umask"
+            );
+        })?;
+        UMASK_READY.with(|c| c.set(true));
+    }
+    sys::set_umask(mask);
+    Ok(())
+}
+
+fn ts(sec: i64, nsec: i64) -> Timestamp {
+    Timestamp {
+        sec,
+        nsec: nsec.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn mtime_of(st: &libc::stat) -> Timestamp {
+    ts(st.st_mtime, st.st_mtime_nsec)
+}
+
+fn systime(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = nsec.clamp(0, 999_999_999) as u32;
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec)
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dtype_kind(d: u8) -> FileType {
+    match d {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn to_attr(ino: u64, st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: systime(st.st_atime, st.st_atime_nsec),
+        mtime: systime(st.st_mtime, st.st_mtime_nsec),
+        ctime: systime(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn to_timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                // Before the epoch: floor to whole seconds plus a positive nsec.
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = 0i64;
+                if d.subsec_nanos() > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - d.subsec_nanos() as i64;
+                }
+                libc::timespec {
+                    tv_sec: sec as libc::time_t,
+                    tv_nsec: nsec as libc::c_long,
+                }
+            }
+        },
+    }
+}
+
+/// Flags for opening the backing file: creation and truncation are done by
+/// separate requests, O_APPEND is handled by the filesystem (it must know
+/// the offset it records), O_DIRECT is answered with FOPEN_DIRECT_IO (the
+/// backing may not accept unaligned buffers), O_SYNC/O_DSYNC become explicit
+/// syncs followed by a replication durability point, and O_NOFOLLOW would
+/// refuse the /proc magic link used to reopen.
+fn backing_flags(flags: i32, writeback: bool) -> i32 {
+    let mut f = flags
+        & !(libc::O_CREAT
+            | libc::O_EXCL
+            | libc::O_NOCTTY
+            | libc::O_TRUNC
+            | libc::O_APPEND
+            | libc::O_DIRECT
+            | libc::O_SYNC
+            | libc::O_DSYNC
+            | libc::O_NOFOLLOW
+            | libc::O_PATH);
+    // With the writeback cache the kernel reads through write-only handles.
+    if writeback && (f & libc::O_ACCMODE) == libc::O_WRONLY {
+        f = (f & !libc::O_ACCMODE) | libc::O_RDWR;
+    }
+    f
+}
+
+fn sync_mode(flags: i32) -> Option<bool> {
+    if flags & libc::O_SYNC == libc::O_SYNC {
+        Some(false)
+    } else if flags & libc::O_DSYNC != 0 {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+fn open_reply_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_DIRECT != 0 {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
+/// Records ops and remembers the last sequence number (for after_mutation).
+struct Rec<'a> {
+    repl: &'a dyn Replicator,
+    recorded: &'a AtomicU64,
+    last: Option<Seq>,
+}
+
+impl Rec<'_> {
+    fn record(&mut self, op: Op, payload: &[u8]) {
+        self.last = Some(self.repl.record(op, payload));
+        self.recorded.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn join(parent: &RelPath, name: &[u8]) -> R<RelPath> {
+    parent.join(name).map_err(|_| {
+        if name.len() > 255 {
+            Errno::ENAMETOOLONG
+        } else if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+            Errno::EINVAL
+        } else {
+            Errno::ENAMETOOLONG
+        }
+    })
+}
+
+impl ReplicaFs {
+    /// `backing` is a directory fd opened before mounting (the filesystem may
+    /// be mounted over that same directory).
+    pub fn new(backing: OwnedFd, repl: Arc<dyn Replicator>) -> anyhow::Result<Self> {
+        let st = sys::fstat(backing.as_fd()).map_err(|e| {
+            anyhow::anyhow!("fstat of the backing directory fd: errno {}", e.code())
+        })?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            anyhow::bail!("the backing fd is not a directory");
+        }
+        Ok(ReplicaFs {
+            repl,
+            order: Mutex::new(()),
+            ns: RwLock::new(()),
+            table: Mutex::new(InodeTable::new(backing, &st)),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            recorded: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            writeback_cache: false,
+            posix_acl: false,
+        })
+    }
+
+    /// Number of inodes currently known (for tests and metrics).
+    pub fn inode_count(&self) -> usize {
+        lock(&self.table).len()
+    }
+
+    fn node(&self, ino: u64) -> R<(Arc<OwnedFd>, u32)> {
+        let t = lock(&self.table);
+        let n = t.get(ino).ok_or(Errno::ENOENT)?;
+        Ok((n.fd.clone(), n.kind))
+    }
+
+    fn file(&self, fh: FileHandle) -> R<Arc<FileH>> {
+        lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn dir(&self, fh: FileHandle) -> R<Arc<DirH>> {
+        lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Path of a directory that must be part of the tree.
+    fn dir_path(&self, ino: u64) -> R<RelPath> {
+        lock(&self.table).path(ino)?.ok_or(Errno::ENOENT)
+    }
+
+    /// Tells the replicator that the calling request's ops are done (no lock
+    /// held); its error goes back to the application.
+    fn finish(&self, seq: Option<Seq>) -> R<()> {
+        match seq {
+            Some(seq) => self.repl.after_mutation(seq).map_err(Errno::from_i32),
+            None => Ok(()),
+        }
+    }
+
+    fn rec(&self) -> Rec<'_> {
+        Rec {
+            repl: &*self.repl,
+            recorded: &self.recorded,
+            last: None,
+        }
+    }
+
+    /// Asks the replicator for a durability point, unless nothing was recorded
+    /// since the last one completed. (The kernel follows every O_SYNC write
+    /// with its own FSYNC request, which then costs nothing.)
+    fn durability_point(&self) -> R<()> {
+        let target = self.recorded.load(Ordering::SeqCst);
+        if target != 0 && self.durable.load(Ordering::SeqCst) >= target {
+            return Ok(());
+        }
+        self.repl.durability_point().map_err(Errno::from_i32)?;
+        self.durable.fetch_max(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The path to record ops on `ino` under. `None`: the object is not part
+    /// of the tree (unlinked while open), so nothing is recorded. Must be
+    /// called with the ordering lock held.
+    fn record_path(&self, ino: u64, fd: BorrowedFd<'_>) -> R<Option<RelPath>> {
+        if let Some(p) = lock(&self.table).path(ino)? {
+            return Ok(Some(p));
+        }
+        let st = sys::fstat(fd)?;
+        if st.st_nlink == 0 {
+            return Ok(None);
+        }
+        // Still linked under a name the kernel never looked up.
+        self.find_name_by_scan(ino, &st)?;
+        match lock(&self.table).path(ino)? {
+            Some(p) => Ok(Some(p)),
+            None => {
+                tracing::error!(
+                    ino,
+                    "a linked file has no known name; refusing the change rather than \
+                     letting the mirror diverge"
+                );
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// Walks the backing tree for a name of the object `st` and registers it
+    /// (with the directories leading to it) in the table. Rare: only for a
+    /// hard-linked file whose known names were all removed.
+    fn find_name_by_scan(&self, ino: u64, st: &libc::stat) -> R<()> {
+        let root_fd = self.node(ROOT)?.0;
+        let mut queue: VecDeque<Vec<Vec<u8>>> = VecDeque::new();
+        queue.push_back(Vec::new());
+        let mut examined = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Some(comps) = queue.pop_front() {
+            // Open the directory by walking from the root, one component at a time.
+            let mut cur: Option<OwnedFd> = None;
+            let mut ok = true;
+            for c in &comps {
+                let base = match &cur {
+                    Some(fd) => fd.as_fd(),
+                    None => root_fd.as_fd(),
+                };
+                match sys::open_path_at(base, &sys::cname(c)?) {
+                    Ok(fd) => cur = Some(fd),
+                    Err(_) => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            let dpath = match &cur {
+                Some(fd) => fd.as_fd(),
+                None => root_fd.as_fd(),
+            };
+            let Ok(dfd) = sys::open_dir(dpath) else {
+                continue;
+            };
+            loop {
+                let entries = sys::getdents(dfd.as_fd(), &mut buf)?;
+                if entries.is_empty() {
+                    break;
+                }
+                for e in entries {
+                    if e.name == b"." || e.name == b".." {
+                        continue;
+                    }
+                    examined += 1;
+                    if examined > SCAN_LIMIT_ENTRIES {
+                        return Err(Errno::EIO);
+                    }
+                    if e.ino == st.st_ino && e.dtype != libc::DT_DIR {
+                        let cn = sys::cname(&e.name)?;
+                        if let Ok(est) = sys::fstatat(dfd.as_fd(), &cn) {
+                            if est.st_dev == st.st_dev && est.st_ino == st.st_ino {
+                                return self.register_found(ino, &comps, &e.name);
+                            }
+                        }
+                    }
+                    if e.dtype == libc::DT_DIR {
+                        let mut c = comps.clone();
+                        c.push(e.name);
+                        queue.push_back(c);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn register_found(&self, ino: u64, dir_comps: &[Vec<u8>], name: &[u8]) -> R<()> {
+        let mut t = lock(&self.table);
+        let mut cur = ROOT;
+        for c in dir_comps {
+            cur = match t.child(cur, c) {
+                Some(x) => x,
+                None => {
+                    let pfd = t.get(cur).ok_or(Errno::EIO)?.fd.clone();
+                    let fd = sys::open_path_at(pfd.as_fd(), &sys::cname(c)?)?;
+                    let st = sys::fstat(fd.as_fd())?;
+                    t.insert(fd, &st, cur, c, 0)
+                }
+            };
+        }
+        t.add_name(ino, cur, name);
+        Ok(())
+    }
+
+    /// Gives a just-created object to its creator. Creation runs as root, so
+    /// ownership is set afterwards; chown clears set-id bits of non-directories,
+    /// which a creator is entitled to keep, so the creation mode is restored.
+    fn take_ownership(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> R<libc::stat> {
+        let st0 = sys::fstat(fd)?;
+        if st0.st_uid == uid && st0.st_gid == gid {
+            return Ok(st0);
+        }
+        sys::fchown(fd, Some(uid), Some(gid))?;
+        let st1 = sys::fstat(fd)?;
+        if st1.st_mode & libc::S_IFMT != libc::S_IFLNK
+            && st1.st_mode & 0o7777 != st0.st_mode & 0o7777
+        {
+            sys::fchmod(fd, st0.st_mode & 0o7777)?;
+            return sys::fstat(fd);
+        }
+        Ok(st1)
+    }
+
+    /// Creates a file, node, directory or symlink for the caller and records
+    /// it. Returns (attributes, inode, open fd for `NewKind::File`).
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: NewKind<'_>,
+        umask: u32,
+    ) -> R<(FileAttr, u64, Option<OwnedFd>)> {
+        set_thread_umask(if self.posix_acl { umask } else { 0 })?;
+        let name = name.as_bytes();
+        let cn = sys::cname(name)?;
+        let mut rec = self.rec();
+        let result = {
+            let _order = lock(&self.order);
+            let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
+            let (pfd, pkind) = self.node(parent)?;
+            if pkind != libc::S_IFDIR {
+                return Err(Errno::ENOTDIR);
+            }
+            let path = join(&self.dir_path(parent)?, name)?;
+            let pst = sys::fstat(pfd.as_fd())?;
+            let uid = req.uid();
+            // A setgid directory gives its group to new entries (and the
+            // backing gives its setgid bit to new subdirectories).
+            let gid = if pst.st_mode & libc::S_ISGID != 0 {
+                pst.st_gid
+            } else {
+                req.gid()
+            };
+            let mut open_fd = None;
+            let is_dir = matches!(kind, NewKind::Dir { .. });
+            match &kind {
+                NewKind::File { flags, mode } => {
+                    open_fd = Some(sys::openat(
+                        pfd.as_fd(),
+                        &cn,
+                        backing_flags(*flags, self.writeback_cache)
+                            | libc::O_CREAT
+                            | libc::O_EXCL
+                            | libc::O_NOFOLLOW,
+                        mode & 0o7777,
+                    )?);
+                }
+                NewKind::Node { mode, rdev } => sys::mknodat(pfd.as_fd(), &cn, *mode, *rdev)?,
+                NewKind::Dir { mode } => sys::mkdirat(pfd.as_fd(), &cn, mode & 0o7777)?,
+                NewKind::Symlink { target } => sys::symlinkat(target, pfd.as_fd(), &cn)?,
+            }
+            // The entry exists now: if anything below fails, remove it again so
+            // that nothing unrecorded stays in the tree.
+            let done = (|| {
+                let pathfd = sys::open_path_at(pfd.as_fd(), &cn)?;
+                let st = Self::take_ownership(pathfd.as_fd(), uid, gid)?;
+                let pst2 = sys::fstat(pfd.as_fd())?;
+                Ok::<_, Errno>((pathfd, st, pst2))
+            })();
+            let (pathfd, st, pst2) = match done {
+                Ok(x) => x,
+                Err(e) => {
+                    let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
+                    let _ = sys::unlinkat(pfd.as_fd(), &cn, flags);
+                    return Err(e);
+                }
+            };
+            let ino = lock(&self.table).insert(pathfd, &st, parent, name, 1);
+            let mode = st.st_mode & 0o7777;
+            let mtime = mtime_of(&st);
+            let parent_mtime = Some(mtime_of(&pst2));
+            let op = match &kind {
+                NewKind::File { .. } => Op::Create {
+                    path,
+                    mode,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime,
+                    parent_mtime,
+                },
+                NewKind::Node { .. } if st.st_mode & libc::S_IFMT == libc::S_IFREG => Op::Create {
+                    path,
+                    mode,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime,
+                    parent_mtime,
+                },
+                NewKind::Node { .. } => Op::Mknod {
+                    path,
+                    mode: st.st_mode,
+                    rdev: st.st_rdev,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime,
+                    parent_mtime,
+                },
+                NewKind::Dir { .. } => Op::Mkdir {
+                    path,
+                    mode,
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime,
+                    parent_mtime,
+                },
+                NewKind::Symlink { target } => Op::Symlink {
+                    path,
+                    target: target.to_bytes().to_vec(),
+                    uid: st.st_uid,
+                    gid: st.st_gid,
+                    mtime,
+                    parent_mtime,
+                },
+            };
+            // The names are up to date: lookups may proceed while record() blocks.
+            drop(ns);
+            rec.record(op, &[]);
+            (to_attr(ino, &st), ino, open_fd)
+        };
+        if let Err(e) = self.finish(rec.last) {
+            // The kernel will not learn about the entry: drop its reference.
+            lock(&self.table).forget(result.1, 1);
+            return Err(e);
+        }
+        Ok(result)
+    }
+
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> R<FileAttr> {
+        let name = name.as_bytes();
+        let _ns = self.ns.read().unwrap_or_else(|e| e.into_inner());
+        let (pfd, _) = self.node(parent)?;
+        if name == b"." || name == b".." {
+            // Only asked for by NFS-style exports; answer without adding a
+            // name edge (it would make a cycle in the path computation).
+            let fd = sys::open_path_at(pfd.as_fd(), &sys::cname(name)?)?;
+            let st = sys::fstat(fd.as_fd())?;
+            let mut t = lock(&self.table);
+            let ino = t.by_identity(st.st_dev, st.st_ino).ok_or(Errno::ENOENT)?;
+            t.add_lookup(ino, 1);
+            return Ok(to_attr(ino, &st));
+        }
+        let fd = sys::open_path_at(pfd.as_fd(), &sys::cname(name)?)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let ino = lock(&self.table).insert(fd, &st, parent, name, 1);
+        Ok(to_attr(ino, &st))
+    }
+
+    fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> R<FileAttr> {
+        if let Some(fh) = fh {
+            if let Ok(h) = self.file(fh) {
+                return Ok(to_attr(ino, &sys::fstat(h.fd.as_fd())?));
+            }
+        }
+        let (fd, _) = self.node(ino)?;
+        Ok(to_attr(ino, &sys::fstat(fd.as_fd())?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> R<FileAttr> {
+        let (fd, kind) = self.node(ino)?;
+        let handle = fh.and_then(|fh| self.file(fh).ok());
+        let mut rec = self.rec();
+        let st = {
+            let _order = lock(&self.order);
+            let path = self.record_path(ino, fd.as_fd())?;
+            let pre = sys::fstat(fd.as_fd())?;
+            let mut cur_perm = pre.st_mode & 0o7777;
+            // Ownership first and as its own op: chown clears set-id bits, so
+            // a mode given in the same request must be applied after it, on
+            // the mirror too.
+            if uid.is_some() || gid.is_some() {
+                sys::fchown(fd.as_fd(), uid, gid)?;
+                let st = sys::fstat(fd.as_fd())?;
+                cur_perm = st.st_mode & 0o7777;
+                if let Some(path) = &path {
+                    rec.record(
+                        Op::SetAttr {
+                            path: path.clone(),
+                            mode: None,
+                            uid,
+                            gid,
+                            size: None,
+                            atime: TimeSet::Omit,
+                            mtime: TimeSet::Omit,
+                        },
+                        &[],
+                    );
+                }
+            }
+            if let Some(m) = mode {
+                if kind == libc::S_IFLNK {
+                    return Err(Errno::EOPNOTSUPP);
+                }
+                sys::fchmod(fd.as_fd(), m & 0o7777)?;
+            }
+            if let Some(s) = size {
+                match &handle {
+                    Some(h) => sys::ftruncate(h.fd.as_fd(), s)?,
+                    None => {
+                        let wfd = sys::reopen(fd.as_fd(), libc::O_WRONLY)?;
+                        sys::ftruncate(wfd.as_fd(), s)?;
+                    }
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                sys::futimens(fd.as_fd(), &[to_timespec(atime), to_timespec(mtime)])?;
+            }
+            let post = sys::fstat(fd.as_fd())?;
+            let post_perm = post.st_mode & 0o7777;
+            let mode_out = (mode.is_some() || post_perm != cur_perm).then_some(post_perm);
+            let atime_out = if atime.is_some() {
+                TimeSet::At(ts(post.st_atime, post.st_atime_nsec))
+            } else {
+                TimeSet::Omit
+            };
+            // A size change moves mtime on the mirror to *its* clock: send ours.
+            let mtime_out = if mtime.is_some() || size.is_some() {
+                TimeSet::At(mtime_of(&post))
+            } else {
+                TimeSet::Omit
+            };
+            let anything = mode_out.is_some()
+                || size.is_some()
+                || atime_out != TimeSet::Omit
+                || mtime_out != TimeSet::Omit;
+            if let (Some(path), true) = (path, anything) {
+                rec.record(
+                    Op::SetAttr {
+                        path,
+                        mode: mode_out,
+                        uid: None,
+                        gid: None,
+                        size,
+                        atime: atime_out,
+                        mtime: mtime_out,
+                    },
+                    &[],
+                );
+            }
+            post
+        };
+        self.finish(rec.last)?;
+        Ok(to_attr(ino, &st))
+    }
+
+    fn do_unlink(&self, parent: u64, name: &OsStr, dir: bool) -> R<()> {
+        let name = name.as_bytes();
+        let cn = sys::cname(name)?;
+        let mut rec = self.rec();
+        {
+            let _order = lock(&self.order);
+            let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
+            let (pfd, _) = self.node(parent)?;
+            let path = join(&self.dir_path(parent)?, name)?;
+            sys::unlinkat(pfd.as_fd(), &cn, if dir { libc::AT_REMOVEDIR } else { 0 })?;
+            lock(&self.table).remove_name(parent, name);
+            let parent_mtime = sys::fstat(pfd.as_fd()).ok().map(|s| mtime_of(&s));
+            // The names are up to date: lookups may proceed while record() blocks.
+            drop(ns);
+            rec.record(
+                if dir {
+                    Op::Rmdir { path, parent_mtime }
+                } else {
+                    Op::Unlink { path, parent_mtime }
+                },
+                &[],
+            );
+        }
+        self.finish(rec.last)
+    }
+
+    fn do_rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> R<()> {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(Errno::EINVAL);
+        }
+        let (name, newname) = (name.as_bytes(), newname.as_bytes());
+        let (cn1, cn2) = (sys::cname(name)?, sys::cname(newname)?);
+        let bits = flags.bits();
+        let mut rec = self.rec();
+        {
+            let _order = lock(&self.order);
+            let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
+            let (pfd1, _) = self.node(parent)?;
+            let (pfd2, _) = self.node(newparent)?;
+            let from = join(&self.dir_path(parent)?, name)?;
+            let to = join(&self.dir_path(newparent)?, newname)?;
+            sys::renameat2(pfd1.as_fd(), &cn1, pfd2.as_fd(), &cn2, bits)?;
+            {
+                let mut t = lock(&self.table);
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    t.exchange_names(parent, name, newparent, newname);
+                } else {
+                    let src = t.child(parent, name);
+                    let dst = t.child(newparent, newname);
+                    // Two names of one inode: rename(2) does nothing.
+                    if src.is_none() || src != dst {
+                        if dst.is_some() {
+                            t.remove_name(newparent, newname);
+                        }
+                        t.rename_name(parent, name, newparent, newname);
+                    }
+                }
+            }
+            let from_parent_mtime = sys::fstat(pfd1.as_fd()).ok().map(|s| mtime_of(&s));
+            let to_parent_mtime = sys::fstat(pfd2.as_fd()).ok().map(|s| mtime_of(&s));
+            // The names are up to date: lookups may proceed while record() blocks.
+            drop(ns);
+            rec.record(
+                Op::Rename {
+                    from,
+                    to,
+                    flags: bits & (hapair_proto::RENAME_NOREPLACE | hapair_proto::RENAME_EXCHANGE),
+                    from_parent_mtime,
+                    to_parent_mtime,
+                },
+                &[],
+            );
+        }
+        self.finish(rec.last)
+    }
+
+    fn do_link(&self, ino: u64, newparent: u64, newname: &OsStr) -> R<FileAttr> {
+        let newname = newname.as_bytes();
+        let cn = sys::cname(newname)?;
+        let mut rec = self.rec();
+        let st = {
+            let _order = lock(&self.order);
+            let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
+            let (fd, kind) = self.node(ino)?;
+            if kind == libc::S_IFDIR {
+                return Err(Errno::EPERM);
+            }
+            let (pfd, _) = self.node(newparent)?;
+            let existing = self.record_path(ino, fd.as_fd())?.ok_or(Errno::ENOENT)?;
+            let new = join(&self.dir_path(newparent)?, newname)?;
+            sys::link_fd_at(fd.as_fd(), pfd.as_fd(), &cn)?;
+            {
+                let mut t = lock(&self.table);
+                t.add_name(ino, newparent, newname);
+                t.add_lookup(ino, 1);
+            }
+            let st = sys::fstat(fd.as_fd())?;
+            let parent_mtime = sys::fstat(pfd.as_fd()).ok().map(|s| mtime_of(&s));
+            // The names are up to date: lookups may proceed while record() blocks.
+            drop(ns);
+            rec.record(
+                Op::Link {
+                    existing,
+                    new,
+                    parent_mtime,
+                },
+                &[],
+            );
+            st
+        };
+        if let Err(e) = self.finish(rec.last) {
+            lock(&self.table).forget(ino, 1);
+            return Err(e);
+        }
+        Ok(to_attr(ino, &st))
+    }
+
+    fn do_open(&self, ino: u64, flags: i32) -> R<(u64, FopenFlags)> {
+        let (fd, kind) = self.node(ino)?;
+        if kind == libc::S_IFDIR {
+            return Err(Errno::EISDIR);
+        }
+        let bfd = sys::reopen(fd.as_fd(), backing_flags(flags, self.writeback_cache))?;
+        let fh = self.new_fh();
+        lock(&self.files).insert(
+            fh,
+            Arc::new(FileH {
+                fd: bfd,
+                ino,
+                append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
+                sync: sync_mode(flags),
+            }),
+        );
+        Ok((fh, open_reply_flags(flags)))
+    }
+
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> R<(FileAttr, u64, FopenFlags)> {
+        let (attr, ino, fd) =
+            self.create_node(req, parent, name, NewKind::File { flags, mode }, umask)?;
+        let fd = fd.ok_or(Errno::EIO)?;
+        let fh = self.new_fh();
+        lock(&self.files).insert(
+            fh,
+            Arc::new(FileH {
+                fd,
+                ino,
+                append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
+                sync: sync_mode(flags),
+            }),
+        );
+        Ok((attr, fh, open_reply_flags(flags)))
+    }
+
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> R<Vec<u8>> {
+        let h = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::pread(h.fd.as_fd(), &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn do_write(
+        &self,
+        ino: u64,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+    ) -> R<u32> {
+        let h = self.file(fh)?;
+        debug_assert_eq!(h.ino, ino);
+        let ino = h.ino;
+        let mut rec = self.rec();
+        let (written, err) = {
+            let _order = lock(&self.order);
+            let (ifd, _) = self.node(ino)?;
+            let path = self.record_path(ino, ifd.as_fd())?;
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.kill_suid(ifd.as_fd(), path.as_ref(), &mut rec)?;
+            }
+            // O_APPEND: place the write at the end ourselves, under the
+            // ordering lock, so the recorded offset is the real one.
+            let off = if h.append {
+                sys::fstat(h.fd.as_fd())?.st_size as u64
+            } else {
+                offset
+            };
+            let (n, err) = sys::pwrite_all(h.fd.as_fd(), data, off);
+            if n > 0 {
+                if let Some(path) = path {
+                    let st = sys::fstat(h.fd.as_fd())?;
+                    rec.record(
+                        Op::Write {
+                            path,
+                            offset: off,
+                            mtime: mtime_of(&st),
+                        },
+                        &data[..n],
+                    );
+                }
+            }
+            (n, err)
+        };
+        self.finish(rec.last)?;
+        if written == 0 {
+            if let Some(e) = err {
+                return Err(e);
+            }
+        }
+        if let Some(datasync) = h.sync {
+            sys::fsync(h.fd.as_fd(), datasync)?;
+            self.durability_point()?;
+        }
+        u32::try_from(written).map_err(|_| Errno::EIO)
+    }
+
+    /// Clears set-user-id (and set-group-id when group-executable) as the
+    /// kernel does on a write by a non-owner.
+    fn kill_suid(&self, fd: BorrowedFd<'_>, path: Option<&RelPath>, rec: &mut Rec<'_>) -> R<()> {
+        let st = sys::fstat(fd)?;
+        let mut kill = st.st_mode & libc::S_ISUID;
+        if st.st_mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+            kill |= libc::S_ISGID;
+        }
+        if kill == 0 {
+            return Ok(());
+        }
+        let perm = st.st_mode & 0o7777 & !kill;
+        sys::fchmod(fd, perm)?;
+        if let Some(path) = path {
+            rec.record(
+                Op::SetAttr {
+                    path: path.clone(),
+                    mode: Some(perm),
+                    uid: None,
+                    gid: None,
+                    size: None,
+                    atime: TimeSet::Omit,
+                    mtime: TimeSet::Omit,
+                },
+                &[],
+            );
+        }
+        Ok(())
+    }
+
+    fn do_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> R<()> {
+        let h = self.file(fh)?;
+        let mut rec = self.rec();
+        {
+            let _order = lock(&self.order);
+            let (ifd, _) = self.node(h.ino)?;
+            let path = self.record_path(h.ino, ifd.as_fd())?;
+            sys::fallocate(h.fd.as_fd(), mode, offset, length)?;
+            if let Some(path) = path {
+                let st = sys::fstat(h.fd.as_fd())?;
+                rec.record(
+                    Op::Fallocate {
+                        path,
+                        mode,
+                        offset,
+                        len: length,
+                        mtime: mtime_of(&st),
+                    },
+                    &[],
+                );
+            }
+        }
+        self.finish(rec.last)
+    }
+
+    fn do_opendir(&self, ino: u64) -> R<u64> {
+        let (fd, _) = self.node(ino)?;
+        let dfd = sys::open_dir(fd.as_fd())?;
+        let fh = self.new_fh();
+        lock(&self.dirs).insert(
+            fh,
+            Arc::new(DirH {
+                fd: dfd,
+                st: Mutex::new(DirState {
+                    pos: 0,
+                    entries: VecDeque::new(),
+                    eof: false,
+                }),
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// Fills a readdir reply. Offsets are the backing's own `d_off` cookies,
+    /// so they stay valid across calls (and after seekdir). Entries read from
+    /// the backing but not sent are kept for the next call.
+    fn do_readdir(&self, fh: FileHandle, offset: u64, reply: &mut ReplyDirectory) -> R<()> {
+        let d = self.dir(fh)?;
+        let mut st = lock(&d.st);
+        let offset = offset as i64;
+        if offset != st.pos {
+            sys::lseek(d.fd.as_fd(), offset, libc::SEEK_SET)?;
+            st.entries.clear();
+            st.eof = false;
+            st.pos = offset;
+        }
+        let mut buf = Vec::new();
+        loop {
+            if st.entries.is_empty() {
+                if st.eof {
+                    break;
+                }
+                if buf.is_empty() {
+                    buf = vec![0u8; 32 * 1024];
+                }
+                let batch = sys::getdents(d.fd.as_fd(), &mut buf)?;
+                if batch.is_empty() {
+                    st.eof = true;
+                    break;
+                }
+                st.entries.extend(batch);
+            }
+            let Some(e) = st.entries.front() else { break };
+            if reply.add(
+                INodeNo(e.ino),
+                e.off as u64,
+                dtype_kind(e.dtype),
+                OsStr::from_bytes(&e.name),
+            ) {
+                break;
+            }
+            st.pos = e.off;
+            st.entries.pop_front();
+        }
+        Ok(())
+    }
+
+    fn xattr_target(&self, ino: u64) -> R<(sys::XattrTarget, Vec<Arc<OwnedFd>>)> {
+        let t = lock(&self.table);
+        let node = t.get(ino).ok_or(Errno::ENOENT)?;
+        if node.kind != libc::S_IFLNK {
+            let fd = node.fd.clone();
+            return Ok((
+                sys::XattrTarget {
+                    path: sys::proc_fd_path(fd.as_raw_fd()),
+                    follow: true,
+                },
+                vec![fd],
+            ));
+        }
+        // A symlink: its /proc magic link would be followed to the target,
+        // so address it as a name in its parent, without following.
+        let (p, name) = t.any_name(ino).ok_or(Errno::EPERM)?;
+        let pfd = t.get(p).ok_or(Errno::ENOENT)?.fd.clone();
+        Ok((
+            sys::XattrTarget {
+                path: sys::proc_fd_child_path(pfd.as_raw_fd(), &name)?,
+                follow: false,
+            },
+            vec![pfd],
+        ))
+    }
+
+    fn do_getxattr(&self, ino: u64, name: &OsStr, size: u32) -> R<Result<Vec<u8>, u32>> {
+        let cn = sys::cname(name.as_bytes())?;
+        let _ns = self.ns.read().unwrap_or_else(|e| e.into_inner());
+        let (t, _keep) = self.xattr_target(ino)?;
+        if size == 0 {
+            let n = sys::getxattr(&t, &cn, &mut [])?;
+            return Ok(Err(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::getxattr(&t, &cn, &mut buf)?;
+        buf.truncate(n);
+        Ok(Ok(buf))
+    }
+
+    fn do_listxattr(&self, ino: u64, size: u32) -> R<Result<Vec<u8>, u32>> {
+        let _ns = self.ns.read().unwrap_or_else(|e| e.into_inner());
+        let (t, _keep) = self.xattr_target(ino)?;
+        if size == 0 {
+            let n = sys::listxattr(&t, &mut [])?;
+            return Ok(Err(n as u32));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = sys::listxattr(&t, &mut buf)?;
+        buf.truncate(n);
+        Ok(Ok(buf))
+    }
+
+    fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32, remove: bool) -> R<()> {
+        let name = name.as_bytes();
+        let cn = sys::cname(name)?;
+        if name.len() > hapair_proto::MAX_XATTR_NAME {
+            return Err(Errno::ERANGE);
+        }
+        if value.len() > hapair_proto::MAX_XATTR_VALUE {
+            return Err(Errno::E2BIG);
+        }
+        let mut rec = self.rec();
+        {
+            let _order = lock(&self.order);
+            let (fd, _) = self.node(ino)?;
+            let path = self.record_path(ino, fd.as_fd())?;
+            let (t, _keep) = self.xattr_target(ino)?;
+            // Setting an access ACL may change the mode bits on the backing.
+            let pre = sys::fstat(fd.as_fd())?;
+            if remove {
+                sys::removexattr(&t, &cn)?;
+            } else {
+                sys::setxattr(&t, &cn, value, flags)?;
+            }
+            let post = sys::fstat(fd.as_fd())?;
+            if let Some(path) = path {
+                rec.record(
+                    if remove {
+                        Op::RemoveXattr {
+                            path: path.clone(),
+                            name: name.to_vec(),
+                        }
+                    } else {
+                        Op::SetXattr {
+                            path: path.clone(),
+                            name: name.to_vec(),
+                            value: value.to_vec(),
+                            flags: (flags as u32) & 3,
+                        }
+                    },
+                    &[],
+                );
+                if post.st_mode & 0o7777 != pre.st_mode & 0o7777 {
+                    rec.record(
+                        Op::SetAttr {
+                            path,
+                            mode: Some(post.st_mode & 0o7777),
+                            uid: None,
+                            gid: None,
+                            size: None,
+                            atime: TimeSet::Omit,
+                            mtime: TimeSet::Omit,
+                        },
+                        &[],
+                    );
+                }
+            }
+        }
+        self.finish(rec.last)
+    }
+
+    fn do_access(&self, req: &Request, ino: u64, mask: AccessFlags) -> R<()> {
+        let (fd, _) = self.node(ino)?;
+        let st = sys::fstat(fd.as_fd())?;
+        let want = (mask.bits() & 7) as u32;
+        if want == 0 {
+            return Ok(());
+        }
+        if req.uid() == 0 {
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if want & libc::X_OK as u32 != 0 && !is_dir && st.st_mode & 0o111 == 0 {
+                return Err(Errno::EACCES);
+            }
+            return Ok(());
+        }
+        let bits = if req.uid() == st.st_uid {
+            (st.st_mode >> 6) & 7
+        } else if req.gid() == st.st_gid {
+            (st.st_mode >> 3) & 7
+        } else {
+            st.st_mode & 7
+        };
+        if bits & want == want {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+}
+
+impl Filesystem for ReplicaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
+            let _ = config.set_max_write(nearest);
+        }
+        if self.posix_acl {
+            let want = fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK;
+            if let Err(e) = config.add_capabilities(want) {
+                tracing::warn!(?e, "the kernel does not offer POSIX ACL support");
+                self.posix_acl = false;
+            }
+        }
+        if self.writeback_cache {
+            if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::warn!(?e, "the kernel does not offer the writeback cache");
+                self.writeback_cache = false;
+            }
+        }
+        // FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS are deliberately not asked
+        // for: the kernel then handles locks locally.
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.table).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino.0, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .node(ino.0)
+            .and_then(|(fd, _)| sys::readlink(fd.as_fd()))
+        {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = NewKind::Node {
+            mode,
+            rdev: rdev as u64,
+        };
+        match self.create_node(req, parent.0, name, kind, umask) {
+            Ok((attr, _, _)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.create_node(req, parent.0, name, NewKind::Dir { mode }, umask) {
+            Ok((attr, _, _)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_unlink(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_unlink(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let target = match CString::new(target.as_os_str().as_bytes()) {
+            Ok(t) => t,
+            Err(_) => return reply.error(Errno::EINVAL),
+        };
+        let kind = NewKind::Symlink { target: &target };
+        match self.create_node(req, parent.0, link_name, kind, 0) {
+            Ok((attr, _, _)) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent.0, name, newparent.0, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.do_link(ino.0, newparent.0, newname) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino.0, flags.0) {
+            Ok((fh, fl)) => reply.opened(FileHandle(fh), fl),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(fh, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(ino.0, fh, offset, data, write_flags) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Writes are executed synchronously; locks are the kernel's.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.files).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .file(fh)
+            .and_then(|h| sys::fsync(h.fd.as_fd(), datasync))
+            .and_then(|()| self.durability_point());
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.do_readdir(fh, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .dir(fh)
+            .and_then(|d| sys::fsync(d.fd.as_fd(), datasync))
+            .and_then(|()| self.durability_point());
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self
+            .node(ROOT)
+            .and_then(|(fd, _)| sys::fstatvfs(fd.as_fd()))
+        {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_setxattr(ino.0, name, value, flags, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.do_getxattr(ino.0, name, size) {
+            Ok(Ok(d)) => reply.data(&d),
+            Ok(Err(n)) => reply.size(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.do_listxattr(ino.0, size) {
+            Ok(Ok(d)) => reply.data(&d),
+            Ok(Err(n)) => reply.size(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_setxattr(ino.0, name, &[], 0, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        match self.do_access(req, ino.0, mask) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.do_create(req, parent.0, name, mode, umask, flags) {
+            Ok((attr, fh, fl)) => reply.created(&TTL, &attr, Generation(0), FileHandle(fh), fl),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fallocate(fh, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        // Only SEEK_DATA / SEEK_HOLE reach the filesystem; passing them
+        // through keeps sparse files sparse for `cp --sparse` and friends.
+        match self
+            .file(fh)
+            .and_then(|h| sys::lseek(h.fd.as_fd(), offset, whence))
+        {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The mount's replication client: the adapter around `hapair_repl_core`.
+//!
+//! FUSE threads call [`ReplClient`] through the `Replicator` trait: they
+//! block on a `std` condition variable (backpressure, strict acks,
+//! durability points); two tokio tasks move frames to the mirror and
+//! acknowledgements back. All state lives in one mutex, `Shared::inner`;
+//! nothing else is locked while it is held except the journal file (which it
+//! owns), so there is no lock order to get wrong.
+
+use crate::state::{StateDir, Status};
+use hapair_proto::{encode_frame, FromMirror, Mode, Op, Seq, ToMirror};
+use hapair_repl_core::journal::{self, DirtyRecord};
+use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
+use hapair_transport::{FrameReader, FrameWriter};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tracing::{error, info, warn};
+
+/// Per-op bytes counted in flight beyond the payload (header estimate).
+const OP_OVERHEAD_BYTES: u64 = 128;
+/// Most frames the sender takes from the queue per batch.
+const SEND_BATCH_FRAMES: usize = 256;
+/// Most bytes the sender takes from the queue per batch.
+const SEND_BATCH_BYTES: usize = 4 << 20;
+
+struct Inner {
+    core: ReplCore,
+    /// Encoded frames not yet handed to the sender task.
+    queue: VecDeque<Vec<u8>>,
+    /// What every not-yet-applied operation dirtied, in sequence order, so
+    /// that it can be journaled if the mirror goes away.
+    unacked: VecDeque<(Seq, Vec<DirtyRecord>)>,
+    /// Open while degraded.
+    journal: Option<File>,
+    journal_records: u64,
+    connection: Option<quinn::Connection>,
+    /// Set by `shutdown`: the sender stops after draining.
+    closing: bool,
+}
+
+pub struct Shared {
+    inner: Mutex<Inner>,
+    cond: Condvar,
+    wake_sender: tokio::sync::Notify,
+    started: Instant,
+    state: StateDir,
+    status_base: Status,
+}
+
+/// The replication client of one mount.
+#[derive(Clone)]
+pub struct ReplClient {
+    sh: Arc<Shared>,
+}
+
+impl ReplClient {
+    /// A client with no mirror: every operation is journaled.
+    pub fn degraded(cfg: CoreConfig, state: StateDir, status_base: Status, reason: String) -> anyhow::Result<Self> {
+        let journal = state.open_journal_append()?;
+        let c = Self::build(ReplCore::new_degraded(cfg, reason), state, status_base, Some(journal), None);
+        c.write_status();
+        Ok(c)
+    }
+
+    /// A client replicating over an established, handshaken stream. Spawns
+    /// the sender, receiver and timer tasks on the current tokio runtime.
+    pub fn replicating(
+        cfg: CoreConfig,
+        state: StateDir,
+        status_base: Status,
+        conn: quinn::Connection,
+        writer: FrameWriter,
+        reader: FrameReader,
+    ) -> Self {
+        let c = Self::build(ReplCore::new(cfg), state, status_base, None, Some(conn));
+        tokio::spawn(c.clone().sender(writer));
+        tokio::spawn(c.clone().receiver(reader));
+        tokio::spawn(c.clone().timer());
+        c.write_status();
+        c
+    }
+
+    fn build(
+        core: ReplCore,
+        state: StateDir,
+        status_base: Status,
+        journal: Option<File>,
+        connection: Option<quinn::Connection>,
+    ) -> Self {
+        ReplClient {
+            sh: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    core,
+                    queue: VecDeque::new(),
+                    unacked: VecDeque::new(),
+                    journal,
+                    journal_records: 0,
+                    connection,
+                    closing: false,
+                }),
+                cond: Condvar::new(),
+                wake_sender: tokio::sync::Notify::new(),
+                started: Instant::now(),
+                state,
+                status_base,
+            }),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sh.started.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a thread panicked while holding it; the
+        // state it protects is still consistent (every mutation is a
+        // single call into the core), so carry on rather than take the
+        // whole mount down.
+        self.sh.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.lock().core.config().mode
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.lock().core.state() == LinkState::Degraded
+    }
+
+    /// Switches to degraded: everything not yet applied goes to the journal.
+    fn go_degraded(&self, g: &mut MutexGuard<'_, Inner>, reason: &str) {
+        if g.core.state() != LinkState::Degraded {
+            g.core.degrade(reason.to_string());
+        }
+        if g.journal.is_some() {
+            return;
+        }
+        warn!(reason, "mirror lost: continuing alone, journaling changes for the resync");
+        g.queue.clear();
+        if let Some(c) = g.connection.take() {
+            c.close(1u32.into(), b"degraded");
+        }
+        let mut buf = Vec::new();
+        for (_, recs) in g.unacked.drain(..) {
+            for r in recs {
+                journal::encode(&r, &mut buf);
+            }
+        }
+        match self.sh.state.open_journal_append() {
+            Ok(mut f) => {
+                if let Err(e) = f.write_all(&buf) {
+                    error!("cannot write the degraded-mode journal: {e}");
+                }
+                g.journal = Some(f);
+            }
+            Err(e) => error!("cannot open the degraded-mode journal: {e:#}"),
+        }
+        self.sh.cond.notify_all();
+        self.sh.wake_sender.notify_one();
+    }
+
+    fn journal_append(&self, g: &mut MutexGuard<'_, Inner>, recs: &[DirtyRecord]) -> Result<(), i32> {
+        let mut buf = Vec::new();
+        for r in recs {
+            journal::encode(r, &mut buf);
+        }
+        g.journal_records += recs.len() as u64;
+        match g.journal.as_mut() {
+            Some(f) => f.write_all(&buf).map_err(|e| {
+                error!("journal append failed: {e}");
+                libc::EIO
+            }),
+            None => {
+                error!("degraded without a journal: a change cannot be recorded");
+                Err(libc::EIO)
+            }
+        }
+    }
+
+    /// Enqueues one operation (see `Replicator::record`).
+    pub fn record_op(&self, op: Op, payload: &[u8]) -> Seq {
+        let bytes = payload.len() as u64 + OP_OVERHEAD_BYTES;
+        let mut g = self.lock();
+        loop {
+            let now = self.now_ms();
+            if g.core.admit(bytes, now) == Admit::Yes {
+                break;
+            }
+            if g.core.tick(now) {
+                let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
+                self.go_degraded(&mut g, &reason);
+                continue;
+            }
+            let wait = g.core.next_deadline_ms(now).unwrap_or(10).clamp(1, 10);
+            g = self.sh.cond.wait_timeout(g, Duration::from_millis(wait)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let seq = g.core.push(bytes, self.now_ms());
+        let recs = journal::records_for(&op, payload.len());
+        match g.core.state() {
+            LinkState::Replicating => {
+                let mut frame = Vec::with_capacity(payload.len() + 64);
+                let msg = ToMirror::Op { seq, op };
+                if let Err(e) = encode_frame(&msg, payload, &mut frame) {
+                    // Only a bug can produce an unencodable op (sizes are
+                    // bounded by the FUSE layer); never lose the change.
+                    error!("cannot encode op {seq}: {e}; going degraded");
+                    g.unacked.push_back((seq, recs));
+                    self.go_degraded(&mut g, "unencodable operation");
+                    return seq;
+                }
+                g.queue.push_back(frame);
+                g.unacked.push_back((seq, recs));
+                drop(g);
+                self.sh.wake_sender.notify_one();
+            }
+            LinkState::Degraded => {
+                let _ = self.journal_append(&mut g, &recs);
+            }
+        }
+        seq
+    }
+
+    /// Blocks until `w` holds or the pipeline is degraded.
+    fn wait(&self, w: WaitFor) {
+        let mut g = self.lock();
+        loop {
+            if g.core.satisfied(w) {
+                if g.core.state() == LinkState::Degraded && g.journal.is_none() {
+                    self.go_degraded(&mut g, "degraded");
+                }
+                return;
+            }
+            let now = self.now_ms();
+            if g.core.tick(now) {
+                let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
+                self.go_degraded(&mut g, &reason);
+                continue;
+            }
+            let wait = g.core.next_deadline_ms(now).unwrap_or(50).clamp(1, 50);
+            g = self.sh.cond.wait_timeout(g, Duration::from_millis(wait)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    pub fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
+        let w = self.lock().core.wait_after_mutation(seq);
+        self.wait(w);
+        Ok(())
+    }
+
+    /// A durability point: a barrier, then wait until the mirror made it
+    /// durable (sync and strict modes). When degraded, the journal itself
+    /// is made durable instead.
+    pub fn durability_point(&self) -> Result<(), i32> {
+        let degraded = self.is_degraded();
+        if !degraded {
+            let seq = self.record_op(Op::Barrier, &[]);
+            let w = self.lock().core.wait_for_durability(seq);
+            self.wait(w);
+        }
+        let g = self.lock();
+        if let Some(f) = g.journal.as_ref() {
+            f.sync_data().map_err(|e| {
+                error!("journal fsync failed: {e}");
+                libc::EIO
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Final barrier at unmount. Returns true if the mirror holds everything
+    /// durably (a clean shutdown).
+    pub fn shutdown(&self) -> bool {
+        let _ = self.durability_point();
+        let mut g = self.lock();
+        let clean = g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
+        g.closing = true;
+        drop(g);
+        self.sh.wake_sender.notify_one();
+        self.write_status();
+        clean
+    }
+
+    /// Writes status.json (best effort; logs on failure).
+    pub fn write_status(&self) {
+        let mut s = self.sh.status_base.clone();
+        {
+            let g = self.lock();
+            s.state = match g.core.state() {
+                LinkState::Replicating => "replicating",
+                LinkState::Degraded => "degraded",
+            }
+            .to_string();
+            s.last_seq = g.core.last_seq();
+            s.applied_seq = g.core.applied();
+            s.durable_seq = g.core.durable();
+            s.inflight_bytes = g.core.inflight_bytes();
+            s.degraded_reason = g.core.degraded_reason().map(str::to_string);
+            s.journal_records = g.journal_records;
+        }
+        if let Err(e) = self.sh.state.write_status(&s) {
+            warn!("cannot write status: {e:#}");
+        }
+    }
+
+    async fn sender(self, mut writer: FrameWriter) {
+        let mut batch: Vec<u8> = Vec::with_capacity(SEND_BATCH_BYTES + (1 << 20));
+        loop {
+            let notified = self.sh.wake_sender.notified();
+            batch.clear();
+            let (degraded, closing) = {
+                let mut g = self.lock();
+                let mut n = 0;
+                while n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
+                    match g.queue.pop_front() {
+                        Some(f) => {
+                            batch.extend_from_slice(&f);
+                            n += 1;
+                        }
+                        None => break,
+                    }
+                }
+                (g.core.state() == LinkState::Degraded, g.closing)
+            };
+            if degraded {
+                return;
+            }
+            if batch.is_empty() {
+                if closing {
+                    let _ = writer.finish().await;
+                    return;
+                }
+                notified.await;
+                continue;
+            }
+            if let Err(e) = writer.send_raw(&batch).await {
+                let mut g = self.lock();
+                self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
+                drop(g);
+                self.write_status();
+                return;
+            }
+        }
+    }
+
+    async fn receiver(self, mut reader: FrameReader) {
+        let reason = loop {
+            let body = match reader.next_body().await {
+                Ok(Some(b)) => b,
+                Ok(None) => break "mirror closed the stream".to_string(),
+                Err(e) => break format!("connection to mirror lost: {e:#}"),
+            };
+            let frame = match hapair_proto::decode_from_mirror(body) {
+                Ok(f) => f,
+                Err(e) => break format!("malformed message from mirror: {e}"),
+            };
+            match frame.header {
+                FromMirror::Ack { applied, durable } => {
+                    let mut g = self.lock();
+                    if g.core.state() == LinkState::Degraded {
+                        return;
+                    }
+                    match g.core.on_ack(applied, durable) {
+                        Ok(_) => {
+                            while g.unacked.front().is_some_and(|(s, _)| *s <= applied) {
+                                g.unacked.pop_front();
+                            }
+                            self.sh.cond.notify_all();
+                        }
+                        Err(e) => {
+                            let r = format!("mirror sent an impossible ack: {e}");
+                            self.go_degraded(&mut g, &r);
+                            drop(g);
+                            self.write_status();
+                            return;
+                        }
+                    }
+                }
+                FromMirror::Failed { seq, errno, reason } => {
+                    break format!("mirror failed to apply seq {seq} (errno {errno}): {reason}");
+                }
+                other => break format!("unexpected message from mirror: {other:?}"),
+            }
+        };
+        let mut g = self.lock();
+        if g.closing && g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq() {
+            return; // orderly end after shutdown
+        }
+        self.go_degraded(&mut g, &reason);
+        drop(g);
+        self.write_status();
+    }
+
+    async fn timer(self) {
+        let mut last_status = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (degraded_now, closing) = {
+                let mut g = self.lock();
+                let now = self.now_ms();
+                let d = g.core.tick(now);
+                if d {
+                    let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
+                    self.go_degraded(&mut g, &reason);
+                }
+                (d, g.closing)
+            };
+            if degraded_now || last_status.elapsed() >= Duration::from_secs(1) {
+                self.write_status();
+                last_status = Instant::now();
+            }
+            if closing || self.is_degraded() {
+                if degraded_now {
+                    info!("replication degraded; journal at {}", self.sh.state.journal_path().display());
+                }
+                if closing {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl hapair_fs_replica::Replicator for ReplClient {
+    fn record(&self, op: Op, payload: &[u8]) -> Seq {
+        self.record_op(op, payload)
+    }
+    fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
+        ReplClient::after_mutation(self, seq)
+    }
+    fn durability_point(&self) -> Result<(), i32> {
+        ReplClient::durability_point(self)
+    }
+}

@@ -1,0 +1,277 @@
+//! `hapair mirror`: receives a mount's operations over QUIC and applies them
+//! into the mirror directory.
+//!
+//! One session at a time: a new authenticated connection from the mount
+//! (after a restart of the mount, say) closes the previous one and waits for
+//! its applier to finish, so two streams never interleave their operations.
+//! Each session has three parts: a reader task (decode, validate, forward),
+//! an applier thread (the only code that writes into the directory) and a
+//! writer task (acknowledgements, manifests, failures).
+
+use anyhow::Context;
+use hapair_mirror::Applier;
+use hapair_proto::{FromMirror, Op, Seq, ToMirror, ALPN_REPLICATION, PROTOCOL_VERSION};
+use hapair_transport::{FrameReader, FrameWriter, TlsMaterial};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch, Mutex};
+use tracing::{error, info, warn};
+
+/// Operations queued between the reader and the applier (backpressure on
+/// the QUIC stream beyond this).
+const APPLY_QUEUE: usize = 1024;
+/// Acknowledge at least every this many applied operations.
+const ACK_EVERY_OPS: u64 = 256;
+
+enum Work {
+    Manifest { hash: bool },
+    Op { seq: Seq, op: Op, payload: Vec<u8> },
+}
+
+pub fn open_dir(dir: &Path) -> anyhow::Result<OwnedFd> {
+    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    if !f.metadata().with_context(|| format!("stat {}", dir.display()))?.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
+    }
+    Ok(f.into())
+}
+
+pub async fn serve(listen: SocketAddr, tls: TlsMaterial, dir: PathBuf) -> anyhow::Result<()> {
+    open_dir(&dir)?;
+    let ep = hapair_transport::server_endpoint(listen, &tls, ALPN_REPLICATION)
+        .with_context(|| format!("listening on {listen}"))?;
+    info!(%listen, dir = %dir.display(), node = tls.node(), "mirror listening");
+    let current: Arc<std::sync::Mutex<Option<quinn::Connection>>> = Arc::new(std::sync::Mutex::new(None));
+    let session = Arc::new(Mutex::new(()));
+    loop {
+        tokio::select! {
+            incoming = ep.accept() => {
+                let Some(incoming) = incoming else { break };
+                let (current, session, dir) = (current.clone(), session.clone(), dir.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = handle(incoming, current, session, dir).await {
+                        warn!("replication session ended: {e:#}");
+                    }
+                });
+            }
+            _ = shutdown_signal() => {
+                info!("mirror stopping");
+                break;
+            }
+        }
+    }
+    ep.close(0u32.into(), b"mirror stopping");
+    Ok(())
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+async fn handle(
+    incoming: quinn::Incoming,
+    current: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
+    session: Arc<Mutex<()>>,
+    dir: PathBuf,
+) -> anyhow::Result<()> {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%remote, "refused connection: {e}");
+            return Ok(());
+        }
+    };
+    let peer = hapair_transport::peer_node_name(&conn).unwrap_or_default();
+    let (send, recv) = conn.accept_bi().await.context("waiting for the replication stream")?;
+    let mut writer = FrameWriter::new(send);
+    let mut reader = FrameReader::new(recv);
+    let first = reader.next_body().await?.context("stream ended before hello")?;
+    let hello = hapair_proto::decode_to_mirror(first).context("malformed hello")?;
+    let ToMirror::Hello { version, node, mode } = hello.header else {
+        anyhow::bail!("first message from {remote} was not a hello");
+    };
+    if version != PROTOCOL_VERSION || node != peer {
+        let reason = if version != PROTOCOL_VERSION {
+            format!("protocol version {version} not supported (this mirror speaks {PROTOCOL_VERSION})")
+        } else {
+            format!("hello names node '{node}' but the certificate is for '{peer}'")
+        };
+        warn!(%remote, "{reason}");
+        let _ = writer.send(&FromMirror::Refused { reason: reason.clone() }, &[]).await;
+        let _ = writer.finish().await;
+        anyhow::bail!(reason);
+    }
+    // Take over from any previous session, then wait until it has stopped
+    // applying.
+    if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(conn.clone()) {
+        old.close(2u32.into(), b"superseded by a new session");
+    }
+    let _session = session.lock().await;
+    info!(%remote, node, %mode, "replication session started");
+    writer.send(&FromMirror::HelloOk { version: PROTOCOL_VERSION, node: String::new() }, &[]).await?;
+
+    let applier = Applier::open(&dir).with_context(|| format!("opening mirror directory {}", dir.display()))?;
+    let scan_fd = open_dir(&dir)?;
+    let (work_tx, work_rx) = mpsc::channel::<Work>(APPLY_QUEUE);
+    let (ack_tx, ack_rx) = watch::channel((0u64, 0u64));
+    let (out_tx, out_rx) = mpsc::channel::<FromMirror>(16);
+    let apply_thread = std::thread::Builder::new()
+        .name("mirror-apply".into())
+        .spawn(move || apply_loop(applier, scan_fd, work_rx, ack_tx, out_tx))
+        .context("spawning applier thread")?;
+    let writer_task = tokio::spawn(write_loop(writer, ack_rx, out_rx));
+
+    let result = read_loop(&mut reader, work_tx, &node).await;
+    // The reader is done (stream end, error or refusal): the applier drains
+    // what it was given, then the writer sends the last acks.
+    let _ = tokio::task::spawn_blocking(move || apply_thread.join()).await;
+    let _ = writer_task.await;
+    conn.close(0u32.into(), b"session over");
+    info!(node, "replication session over");
+    result
+}
+
+async fn read_loop(reader: &mut FrameReader, work: mpsc::Sender<Work>, node: &str) -> anyhow::Result<()> {
+    let mut expected: Seq = 1;
+    loop {
+        let body = match reader.next_body().await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.context(format!("reading from {node}"))),
+        };
+        let frame = match hapair_proto::decode_to_mirror(body) {
+            Ok(f) => f,
+            Err(e) => {
+                // Hostile or corrupt: refused, logged, never applied. The
+                // stream's order can no longer be trusted, so the session ends.
+                error!(node, "refused a malformed message: {e}; ending the session");
+                anyhow::bail!("malformed message: {e}");
+            }
+        };
+        let w = match frame.header {
+            ToMirror::Hello { .. } => anyhow::bail!("second hello on one session"),
+            ToMirror::ManifestRequest { hash_content } => Work::Manifest { hash: hash_content },
+            ToMirror::Op { seq, op } => {
+                if seq != expected {
+                    error!(node, seq, expected, "refused an out-of-order operation; ending the session");
+                    anyhow::bail!("operation {seq} out of order (expected {expected})");
+                }
+                expected += 1;
+                Work::Op { seq, op, payload: frame.payload }
+            }
+        };
+        if work.send(w).await.is_err() {
+            return Ok(()); // the applier stopped (it reported why)
+        }
+    }
+}
+
+fn apply_loop(
+    mut applier: Applier,
+    scan_fd: OwnedFd,
+    mut work: mpsc::Receiver<Work>,
+    acks: watch::Sender<(Seq, Seq)>,
+    out: mpsc::Sender<FromMirror>,
+) {
+    let (mut applied, mut durable, mut acked) = (0u64, 0u64, 0u64);
+    while let Some(w) = work.blocking_recv() {
+        match w {
+            Work::Manifest { hash } => {
+                let mut sink = |entries: Vec<hapair_proto::ManifestEntry>| -> anyhow::Result<()> {
+                    out.blocking_send(FromMirror::Manifest { entries, last: false })
+                        .map_err(|_| anyhow::anyhow!("session closed"))
+                };
+                let msg = match hapair_mirror::scan_tree(scan_fd.as_fd(), hash, &mut sink) {
+                    Ok(()) => FromMirror::Manifest { entries: vec![], last: true },
+                    Err(e) => FromMirror::Failed { seq: 0, errno: libc::EIO, reason: format!("scan failed: {e:#}") },
+                };
+                let _ = out.blocking_send(msg);
+            }
+            Work::Op { seq, op, payload } => {
+                let is_barrier = matches!(op, Op::Barrier);
+                if let Err(e) = applier.apply(&op, &payload) {
+                    error!(seq, "cannot apply {}: {e}", op.name());
+                    let _ = acks.send((applied, durable));
+                    let _ = out.blocking_send(FromMirror::Failed { seq, errno: e.errno(), reason: e.to_string() });
+                    return;
+                }
+                applied = seq;
+                if is_barrier {
+                    durable = seq;
+                }
+                if is_barrier || work.is_empty() || applied - acked >= ACK_EVERY_OPS {
+                    let _ = acks.send((applied, durable));
+                    acked = applied;
+                }
+            }
+        }
+    }
+    let _ = acks.send((applied, durable));
+}
+
+async fn write_loop(mut writer: FrameWriter, mut acks: watch::Receiver<(Seq, Seq)>, mut out: mpsc::Receiver<FromMirror>) {
+    let mut acks_open = true;
+    let mut last_sent = (0, 0);
+    loop {
+        tokio::select! {
+            changed = acks.changed(), if acks_open => {
+                if changed.is_err() {
+                    acks_open = false;
+                }
+                let (applied, durable) = *acks.borrow_and_update();
+                if (applied, durable) != last_sent {
+                    last_sent = (applied, durable);
+                    if writer.send(&FromMirror::Ack { applied, durable }, &[]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            msg = out.recv() => {
+                let Some(msg) = msg else {
+                    if acks_open { continue_acks(&mut writer, &mut acks, last_sent).await; }
+                    break;
+                };
+                if send_split(&mut writer, msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = writer.finish().await;
+}
+
+/// After the applier's output channel closed, flush the final ack.
+async fn continue_acks(writer: &mut FrameWriter, acks: &mut watch::Receiver<(Seq, Seq)>, last: (Seq, Seq)) {
+    while acks.changed().await.is_ok() {}
+    let (applied, durable) = *acks.borrow();
+    if (applied, durable) != last {
+        let _ = writer.send(&FromMirror::Ack { applied, durable }, &[]).await;
+    }
+}
+
+/// Sends a message; a manifest chunk too large for one frame is split.
+async fn send_split(writer: &mut FrameWriter, msg: FromMirror) -> anyhow::Result<()> {
+    let mut stack = vec![msg];
+    while let Some(m) = stack.pop() {
+        match writer.send(&m, &[]).await {
+            Ok(()) => {}
+            Err(e) => match m {
+                FromMirror::Manifest { mut entries, last } if entries.len() > 1 => {
+                    let tail = entries.split_off(entries.len() / 2);
+                    stack.push(FromMirror::Manifest { entries: tail, last });
+                    stack.push(FromMirror::Manifest { entries, last: false });
+                }
+                _ => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
