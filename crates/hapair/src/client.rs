@@ -8,7 +8,7 @@
 //! owns), so there is no lock order to get wrong.
 
 use crate::state::{StateDir, Status};
-use hapair_proto::{encode_frame, FromMirror, Mode, Op, Seq, ToMirror};
+use hapair_proto::{encode_frame, FromMirror, Op, Seq, ToMirror};
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
 use hapair_transport::{FrameReader, FrameWriter};
@@ -120,10 +120,6 @@ impl ReplClient {
         // single call into the core), so carry on rather than take the
         // whole mount down.
         self.sh.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.lock().core.config().mode
     }
 
     pub fn is_degraded(&self) -> bool {

@@ -170,7 +170,7 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     info!(dir = %a.dir.display(), mode = %a.mode, "serving");
-    let served = hapair_fs_replica::mount_blocking(fs, &a.dir, opts);
+    let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts);
     let clean = rt.block_on(async {
         let c = client.clone();
         tokio::task::spawn_blocking(move || c.shutdown()).await.unwrap_or(false)

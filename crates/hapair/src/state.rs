@@ -53,10 +53,6 @@ impl StateDir {
         PathBuf::from("/var/lib/hapair/mounts").join(name.trim_start_matches('_'))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
     }
