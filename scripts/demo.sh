@@ -32,7 +32,7 @@ step "mirror on 127.0.0.1:$PORT, mount over $WORK/data (sync mode)"
 MIRROR_PID=$!
 "$BIN" mount --peer 127.0.0.1:$PORT --tls "$WORK/tls" --node n1 --state-dir "$WORK/state" "$WORK/data" 2>"$WORK/mount.log" &
 MOUNT_PID=$!
-for _ in $(seq 100); do grep -q " $WORK/data fuse.hapair " /proc/mounts && break; sleep 0.1; done
+for _ in $(seq 100); do grep -q "^hapair:[^ ]* $WORK/data fuse" /proc/mounts && break; sleep 0.1; done
 grep " $WORK/data " /proc/mounts
 echo "the file that existed before the mount was copied to the mirror:"
 cat "$WORK/mirror/before.txt"

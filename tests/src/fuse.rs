@@ -41,9 +41,16 @@ pub fn mount_fstype(path: &Path) -> Option<String> {
     let mut found = None;
     for line in text.lines() {
         let mut f = line.split(' ');
-        let (_src, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+        let (src, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
         if unescape_mounts(mnt) == want {
-            // Later lines are mounted on top of earlier ones.
+            // Later lines are mounted on top of earlier ones. A root mount
+            // made with mount(2) directly has no subtype ("fuse"); hapair's
+            // mounts are then recognised by their source, "hapair:<dir>".
+            let fstype = if fstype == "fuse" && src.starts_with("hapair:") {
+                "fuse.hapair"
+            } else {
+                fstype
+            };
             found = Some(fstype.to_string());
         }
     }

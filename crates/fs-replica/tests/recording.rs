@@ -328,7 +328,13 @@ fn files_are_owned_by_the_caller_and_permissions_hold() {
     assert_eq!(fs::metadata(&suid).unwrap().mode() & 0o7777, 0o777);
     let ops = rec.ops();
     assert!(
-        ops.iter().any(|o| matches!(o, Op::SetAttr { mode: Some(0o777), .. })),
+        ops.iter().any(|o| matches!(
+            o,
+            Op::SetAttr {
+                mode: Some(0o777),
+                ..
+            }
+        )),
         "{ops:?}"
     );
     m.unmount();

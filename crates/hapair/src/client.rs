@@ -58,9 +58,20 @@ pub struct ReplClient {
 
 impl ReplClient {
     /// A client with no mirror: every operation is journaled.
-    pub fn degraded(cfg: CoreConfig, state: StateDir, status_base: Status, reason: String) -> anyhow::Result<Self> {
+    pub fn degraded(
+        cfg: CoreConfig,
+        state: StateDir,
+        status_base: Status,
+        reason: String,
+    ) -> anyhow::Result<Self> {
         let journal = state.open_journal_append()?;
-        let c = Self::build(ReplCore::new_degraded(cfg, reason), state, status_base, Some(journal), None);
+        let c = Self::build(
+            ReplCore::new_degraded(cfg, reason),
+            state,
+            status_base,
+            Some(journal),
+            None,
+        );
         c.write_status();
         Ok(c)
     }
@@ -134,7 +145,10 @@ impl ReplClient {
         if g.journal.is_some() {
             return;
         }
-        warn!(reason, "mirror lost: continuing alone, journaling changes for the resync");
+        warn!(
+            reason,
+            "mirror lost: continuing alone, journaling changes for the resync"
+        );
         g.queue.clear();
         if let Some(c) = g.connection.take() {
             c.close(1u32.into(), b"degraded");
@@ -158,7 +172,11 @@ impl ReplClient {
         self.sh.wake_sender.notify_one();
     }
 
-    fn journal_append(&self, g: &mut MutexGuard<'_, Inner>, recs: &[DirtyRecord]) -> Result<(), i32> {
+    fn journal_append(
+        &self,
+        g: &mut MutexGuard<'_, Inner>,
+        recs: &[DirtyRecord],
+    ) -> Result<(), i32> {
         let mut buf = Vec::new();
         for r in recs {
             journal::encode(r, &mut buf);
@@ -191,7 +209,12 @@ impl ReplClient {
                 continue;
             }
             let wait = g.core.next_deadline_ms(now).unwrap_or(10).clamp(1, 10);
-            g = self.sh.cond.wait_timeout(g, Duration::from_millis(wait)).unwrap_or_else(|p| p.into_inner()).0;
+            g = self
+                .sh
+                .cond
+                .wait_timeout(g, Duration::from_millis(wait))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         let seq = g.core.push(bytes, self.now_ms());
         let recs = journal::records_for(&op, payload.len());
@@ -236,7 +259,12 @@ impl ReplClient {
                 continue;
             }
             let wait = g.core.next_deadline_ms(now).unwrap_or(50).clamp(1, 50);
-            g = self.sh.cond.wait_timeout(g, Duration::from_millis(wait)).unwrap_or_else(|p| p.into_inner()).0;
+            g = self
+                .sh
+                .cond
+                .wait_timeout(g, Duration::from_millis(wait))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -271,7 +299,8 @@ impl ReplClient {
     pub fn shutdown(&self) -> bool {
         let _ = self.durability_point();
         let mut g = self.lock();
-        let clean = g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
+        let clean =
+            g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
         g.closing = true;
         drop(g);
         self.sh.wake_sender.notify_one();
@@ -381,7 +410,10 @@ impl ReplClient {
             }
         };
         let mut g = self.lock();
-        if g.closing && g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq() {
+        if g.closing
+            && g.core.state() == LinkState::Replicating
+            && g.core.durable() == g.core.last_seq()
+        {
             return; // orderly end after shutdown
         }
         self.go_degraded(&mut g, &reason);
@@ -409,7 +441,10 @@ impl ReplClient {
             }
             if closing || self.is_degraded() {
                 if degraded_now {
-                    info!("replication degraded; journal at {}", self.sh.state.journal_path().display());
+                    info!(
+                        "replication degraded; journal at {}",
+                        self.sh.state.journal_path().display()
+                    );
                 }
                 if closing {
                     return;

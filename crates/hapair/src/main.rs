@@ -15,7 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "hapair", version, about = "Software-only high-availability pair: replicated mount, mirror, supervisor")]
+#[command(
+    name = "hapair",
+    version,
+    about = "Software-only high-availability pair: replicated mount, mirror, supervisor"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -106,9 +110,17 @@ fn usage(msg: String) -> anyhow::Error {
 
 /// Unmounts a FUSE mount: a plain unmount first, a lazy one if it is busy.
 pub fn unmount(dir: &Path) {
-    let ok = std::process::Command::new("fusermount3").arg("-u").arg(dir).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(dir)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
-        let _ = std::process::Command::new("fusermount3").arg("-uz").arg(dir).status();
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(dir)
+            .status();
     }
 }
 
@@ -124,25 +136,49 @@ fn check_dir(flag: &str, p: &Path) -> anyhow::Result<()> {
 
 fn load_tls(dir: &Path, node: &str) -> anyhow::Result<hapair_transport::TlsMaterial> {
     hapair_transport::install_crypto_provider();
-    hapair_transport::TlsMaterial::load(dir, node).map_err(|e| usage(format!("--tls {}: {e:#}", dir.display())))
+    hapair_transport::TlsMaterial::load(dir, node)
+        .map_err(|e| usage(format!("--tls {}: {e:#}", dir.display())))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Tls { cmd: TlsCmd::Init { dir, nodes, force } } => {
-            let written = hapair_transport::tls_init(&dir, &nodes, force).map_err(|e| usage(format!("{e:#}")))?;
+        Cmd::Tls {
+            cmd: TlsCmd::Init { dir, nodes, force },
+        } => {
+            let written = hapair_transport::tls_init(&dir, &nodes, force)
+                .map_err(|e| usage(format!("{e:#}")))?;
             for p in written {
                 println!("wrote {}", p.display());
             }
             Ok(())
         }
-        Cmd::Mirror { listen, tls, node, mirror_dir } => {
+        Cmd::Mirror {
+            listen,
+            tls,
+            node,
+            mirror_dir,
+        } => {
             check_dir("MIRROR_DIR", &mirror_dir)?;
             let tls = load_tls(&tls, &node)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(mirror_server::serve(listen, tls, mirror_dir))
         }
-        Cmd::Mount { peer, peer_node, tls, node, mode, timeout_ms, max_lag_ms, state_dir, backing, threads, dir } => {
+        Cmd::Mount {
+            peer,
+            peer_node,
+            tls,
+            node,
+            mode,
+            timeout_ms,
+            max_lag_ms,
+            state_dir,
+            backing,
+            threads,
+            dir,
+        } => {
             check_dir("DIR", &dir)?;
             if let Some(b) = &backing {
                 check_dir("--backing", b)?;

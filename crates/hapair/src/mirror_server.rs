@@ -32,7 +32,11 @@ enum Work {
 
 pub fn open_dir(dir: &Path) -> anyhow::Result<OwnedFd> {
     let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-    if !f.metadata().with_context(|| format!("stat {}", dir.display()))?.is_dir() {
+    if !f
+        .metadata()
+        .with_context(|| format!("stat {}", dir.display()))?
+        .is_dir()
+    {
         anyhow::bail!("{} is not a directory", dir.display());
     }
     Ok(f.into())
@@ -43,7 +47,8 @@ pub async fn serve(listen: SocketAddr, tls: TlsMaterial, dir: PathBuf) -> anyhow
     let ep = hapair_transport::server_endpoint(listen, &tls, ALPN_REPLICATION)
         .with_context(|| format!("listening on {listen}"))?;
     info!(%listen, dir = %dir.display(), node = tls.node(), "mirror listening");
-    let current: Arc<std::sync::Mutex<Option<quinn::Connection>>> = Arc::new(std::sync::Mutex::new(None));
+    let current: Arc<std::sync::Mutex<Option<quinn::Connection>>> =
+        Arc::new(std::sync::Mutex::new(None));
     let session = Arc::new(Mutex::new(()));
     loop {
         tokio::select! {
@@ -68,7 +73,10 @@ pub async fn serve(listen: SocketAddr, tls: TlsMaterial, dir: PathBuf) -> anyhow
 
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -90,35 +98,68 @@ async fn handle(
         }
     };
     let peer = hapair_transport::peer_node_name(&conn).unwrap_or_default();
-    let (send, recv) = conn.accept_bi().await.context("waiting for the replication stream")?;
+    let (send, recv) = conn
+        .accept_bi()
+        .await
+        .context("waiting for the replication stream")?;
     let mut writer = FrameWriter::new(send);
     let mut reader = FrameReader::new(recv);
-    let first = reader.next_body().await?.context("stream ended before hello")?;
+    let first = reader
+        .next_body()
+        .await?
+        .context("stream ended before hello")?;
     let hello = hapair_proto::decode_to_mirror(first).context("malformed hello")?;
-    let ToMirror::Hello { version, node, mode } = hello.header else {
+    let ToMirror::Hello {
+        version,
+        node,
+        mode,
+    } = hello.header
+    else {
         anyhow::bail!("first message from {remote} was not a hello");
     };
     if version != PROTOCOL_VERSION || node != peer {
         let reason = if version != PROTOCOL_VERSION {
-            format!("protocol version {version} not supported (this mirror speaks {PROTOCOL_VERSION})")
+            format!(
+                "protocol version {version} not supported (this mirror speaks {PROTOCOL_VERSION})"
+            )
         } else {
             format!("hello names node '{node}' but the certificate is for '{peer}'")
         };
         warn!(%remote, "{reason}");
-        let _ = writer.send(&FromMirror::Refused { reason: reason.clone() }, &[]).await;
+        let _ = writer
+            .send(
+                &FromMirror::Refused {
+                    reason: reason.clone(),
+                },
+                &[],
+            )
+            .await;
         let _ = writer.finish().await;
         anyhow::bail!(reason);
     }
     // Take over from any previous session, then wait until it has stopped
     // applying.
-    if let Some(old) = current.lock().unwrap_or_else(|p| p.into_inner()).replace(conn.clone()) {
+    if let Some(old) = current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(conn.clone())
+    {
         old.close(2u32.into(), b"superseded by a new session");
     }
     let _session = session.lock().await;
     info!(%remote, node, %mode, "replication session started");
-    writer.send(&FromMirror::HelloOk { version: PROTOCOL_VERSION, node: String::new() }, &[]).await?;
+    writer
+        .send(
+            &FromMirror::HelloOk {
+                version: PROTOCOL_VERSION,
+                node: String::new(),
+            },
+            &[],
+        )
+        .await?;
 
-    let applier = Applier::open(&dir).with_context(|| format!("opening mirror directory {}", dir.display()))?;
+    let applier = Applier::open(&dir)
+        .with_context(|| format!("opening mirror directory {}", dir.display()))?;
     let scan_fd = open_dir(&dir)?;
     let (work_tx, work_rx) = mpsc::channel::<Work>(APPLY_QUEUE);
     let (ack_tx, ack_rx) = watch::channel((0u64, 0u64));
@@ -139,7 +180,11 @@ async fn handle(
     result
 }
 
-async fn read_loop(reader: &mut FrameReader, work: mpsc::Sender<Work>, node: &str) -> anyhow::Result<()> {
+async fn read_loop(
+    reader: &mut FrameReader,
+    work: mpsc::Sender<Work>,
+    node: &str,
+) -> anyhow::Result<()> {
     let mut expected: Seq = 1;
     loop {
         let body = match reader.next_body().await {
@@ -161,11 +206,18 @@ async fn read_loop(reader: &mut FrameReader, work: mpsc::Sender<Work>, node: &st
             ToMirror::ManifestRequest { hash_content } => Work::Manifest { hash: hash_content },
             ToMirror::Op { seq, op } => {
                 if seq != expected {
-                    error!(node, seq, expected, "refused an out-of-order operation; ending the session");
+                    error!(
+                        node,
+                        seq, expected, "refused an out-of-order operation; ending the session"
+                    );
                     anyhow::bail!("operation {seq} out of order (expected {expected})");
                 }
                 expected += 1;
-                Work::Op { seq, op, payload: frame.payload }
+                Work::Op {
+                    seq,
+                    op,
+                    payload: frame.payload,
+                }
             }
         };
         if work.send(w).await.is_err() {
@@ -186,12 +238,22 @@ fn apply_loop(
         match w {
             Work::Manifest { hash } => {
                 let mut sink = |entries: Vec<hapair_proto::ManifestEntry>| -> anyhow::Result<()> {
-                    out.blocking_send(FromMirror::Manifest { entries, last: false })
-                        .map_err(|_| anyhow::anyhow!("session closed"))
+                    out.blocking_send(FromMirror::Manifest {
+                        entries,
+                        last: false,
+                    })
+                    .map_err(|_| anyhow::anyhow!("session closed"))
                 };
                 let msg = match hapair_mirror::scan_tree(scan_fd.as_fd(), hash, &mut sink) {
-                    Ok(()) => FromMirror::Manifest { entries: vec![], last: true },
-                    Err(e) => FromMirror::Failed { seq: 0, errno: libc::EIO, reason: format!("scan failed: {e:#}") },
+                    Ok(()) => FromMirror::Manifest {
+                        entries: vec![],
+                        last: true,
+                    },
+                    Err(e) => FromMirror::Failed {
+                        seq: 0,
+                        errno: libc::EIO,
+                        reason: format!("scan failed: {e:#}"),
+                    },
                 };
                 let _ = out.blocking_send(msg);
             }
@@ -200,7 +262,11 @@ fn apply_loop(
                 if let Err(e) = applier.apply(&op, &payload) {
                     error!(seq, "cannot apply {}: {e}", op.name());
                     let _ = acks.send((applied, durable));
-                    let _ = out.blocking_send(FromMirror::Failed { seq, errno: e.errno(), reason: e.to_string() });
+                    let _ = out.blocking_send(FromMirror::Failed {
+                        seq,
+                        errno: e.errno(),
+                        reason: e.to_string(),
+                    });
                     return;
                 }
                 applied = seq;
@@ -217,7 +283,11 @@ fn apply_loop(
     let _ = acks.send((applied, durable));
 }
 
-async fn write_loop(mut writer: FrameWriter, mut acks: watch::Receiver<(Seq, Seq)>, mut out: mpsc::Receiver<FromMirror>) {
+async fn write_loop(
+    mut writer: FrameWriter,
+    mut acks: watch::Receiver<(Seq, Seq)>,
+    mut out: mpsc::Receiver<FromMirror>,
+) {
     let mut acks_open = true;
     let mut last_sent = (0, 0);
     loop {
@@ -249,11 +319,17 @@ async fn write_loop(mut writer: FrameWriter, mut acks: watch::Receiver<(Seq, Seq
 }
 
 /// After the applier's output channel closed, flush the final ack.
-async fn continue_acks(writer: &mut FrameWriter, acks: &mut watch::Receiver<(Seq, Seq)>, last: (Seq, Seq)) {
+async fn continue_acks(
+    writer: &mut FrameWriter,
+    acks: &mut watch::Receiver<(Seq, Seq)>,
+    last: (Seq, Seq),
+) {
     while acks.changed().await.is_ok() {}
     let (applied, durable) = *acks.borrow();
     if (applied, durable) != last {
-        let _ = writer.send(&FromMirror::Ack { applied, durable }, &[]).await;
+        let _ = writer
+            .send(&FromMirror::Ack { applied, durable }, &[])
+            .await;
     }
 }
 
@@ -266,8 +342,14 @@ async fn send_split(writer: &mut FrameWriter, msg: FromMirror) -> anyhow::Result
             Err(e) => match m {
                 FromMirror::Manifest { mut entries, last } if entries.len() > 1 => {
                     let tail = entries.split_off(entries.len() / 2);
-                    stack.push(FromMirror::Manifest { entries: tail, last });
-                    stack.push(FromMirror::Manifest { entries, last: false });
+                    stack.push(FromMirror::Manifest {
+                        entries: tail,
+                        last,
+                    });
+                    stack.push(FromMirror::Manifest {
+                        entries,
+                        last: false,
+                    });
                 }
                 _ => return Err(e),
             },

@@ -43,11 +43,21 @@ async fn connect(a: &MountArgs) -> anyhow::Result<Connected> {
     let timeout = Duration::from_millis(a.timeout_ms);
     let ep = hapair_transport::client_endpoint(a.peer, &a.tls, ALPN_REPLICATION)?;
     let conn = hapair_transport::connect(&ep, a.peer, a.peer_node.as_deref(), timeout).await?;
-    let (send, recv) = conn.open_bi().await.context("opening the replication stream")?;
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .context("opening the replication stream")?;
     let mut writer = FrameWriter::new(send);
     let mut reader = FrameReader::new(recv);
     writer
-        .send(&ToMirror::Hello { version: PROTOCOL_VERSION, node: a.tls.node().to_string(), mode: a.mode }, &[])
+        .send(
+            &ToMirror::Hello {
+                version: PROTOCOL_VERSION,
+                node: a.tls.node().to_string(),
+                mode: a.mode,
+            },
+            &[],
+        )
         .await?;
     let body = tokio::time::timeout(timeout, reader.next_body())
         .await
@@ -58,14 +68,24 @@ async fn connect(a: &MountArgs) -> anyhow::Result<Connected> {
         FromMirror::Refused { reason } => bail!("the mirror refused this mount: {reason}"),
         other => bail!("unexpected handshake answer from the mirror: {other:?}"),
     }
-    Ok(Connected { conn, writer, reader })
+    Ok(Connected {
+        conn,
+        writer,
+        reader,
+    })
 }
 
 async fn fetch_manifest(c: &mut Connected, hash: bool) -> anyhow::Result<Vec<ManifestEntry>> {
-    c.writer.send(&ToMirror::ManifestRequest { hash_content: hash }, &[]).await?;
+    c.writer
+        .send(&ToMirror::ManifestRequest { hash_content: hash }, &[])
+        .await?;
     let mut all = Vec::new();
     loop {
-        let body = c.reader.next_body().await?.context("mirror closed the stream while listing")?;
+        let body = c
+            .reader
+            .next_body()
+            .await?
+            .context("mirror closed the stream while listing")?;
         match hapair_proto::decode_from_mirror(body)?.header {
             FromMirror::Manifest { entries, last } => {
                 all.extend(entries);
@@ -91,8 +111,17 @@ fn status_base(a: &MountArgs) -> Status {
 }
 
 /// Connects, synchronises, and returns the client to serve with.
-async fn start_replication(a: &MountArgs, backing: &OwnedFd, state: &StateDir) -> anyhow::Result<ReplClient> {
-    let cfg = CoreConfig { mode: a.mode, timeout_ms: a.timeout_ms, max_lag_ms: a.max_lag_ms, ..Default::default() };
+async fn start_replication(
+    a: &MountArgs,
+    backing: &OwnedFd,
+    state: &StateDir,
+) -> anyhow::Result<ReplClient> {
+    let cfg = CoreConfig {
+        mode: a.mode,
+        timeout_ms: a.timeout_ms,
+        max_lag_ms: a.max_lag_ms,
+        ..Default::default()
+    };
     let clean = state.take_clean_marker()?;
     let dirty = state.dirty_set()?;
     let mut base = status_base(a);
@@ -100,9 +129,17 @@ async fn start_replication(a: &MountArgs, backing: &OwnedFd, state: &StateDir) -
     let mut c = match connect(a).await {
         Ok(c) => c,
         Err(e) => {
-            warn!("mirror {} unreachable: {e:#}; serving alone (degraded)", a.peer);
+            warn!(
+                "mirror {} unreachable: {e:#}; serving alone (degraded)",
+                a.peer
+            );
             state.append_journal(&[DirtyRecord::Full])?;
-            return ReplClient::degraded(cfg, state.clone(), base, format!("mirror unreachable at start: {e:#}"));
+            return ReplClient::degraded(
+                cfg,
+                state.clone(),
+                base,
+                format!("mirror unreachable at start: {e:#}"),
+            );
         }
     };
     // Content hashes only when a byte-level difference could hide behind
@@ -111,16 +148,25 @@ async fn start_replication(a: &MountArgs, backing: &OwnedFd, state: &StateDir) -
     info!(hash, "comparing trees with the mirror");
     let remote = fetch_manifest(&mut c, hash).await?;
     let backing_dup = backing.try_clone().context("dup backing fd")?;
-    let local = tokio::task::spawn_blocking(move || hapair_mirror::scan_tree_vec(backing_dup.as_fd(), hash))
-        .await
-        .context("scan task")??;
+    let local = tokio::task::spawn_blocking(move || {
+        hapair_mirror::scan_tree_vec(backing_dup.as_fd(), hash)
+    })
+    .await
+    .context("scan task")??;
     base.state = "replicating".into();
     let client = ReplClient::replicating(cfg, state.clone(), base, c.conn, c.writer, c.reader);
-    let (cl, backing_dup) = (client.clone(), backing.try_clone().context("dup backing fd")?);
+    let (cl, backing_dup) = (
+        client.clone(),
+        backing.try_clone().context("dup backing fd")?,
+    );
     let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
         let stats = crate::sync::synchronise(&cl, backing_dup.as_fd(), &local, &remote, &dirty)?;
-        info!(?stats, "synchronisation sent; waiting for the mirror to make it durable");
-        cl.durability_point().map_err(|e| anyhow::anyhow!("errno {e}"))?;
+        info!(
+            ?stats,
+            "synchronisation sent; waiting for the mirror to make it durable"
+        );
+        cl.durability_point()
+            .map_err(|e| anyhow::anyhow!("errno {e}"))?;
         Ok(!cl.is_degraded())
     })
     .await
@@ -144,7 +190,10 @@ async fn start_replication(a: &MountArgs, backing: &OwnedFd, state: &StateDir) -
 pub fn run(a: MountArgs) -> anyhow::Result<()> {
     let cleared = hapair_fs_replica::clear_stale_mount(&a.dir)?;
     if cleared {
-        warn!("removed a stale mount left at {} by a crashed process", a.dir.display());
+        warn!(
+            "removed a stale mount left at {} by a crashed process",
+            a.dir.display()
+        );
     }
     let backing_path = a.backing.clone().unwrap_or_else(|| a.dir.clone());
     let backing = crate::mirror_server::open_dir(&backing_path)?;
@@ -173,7 +222,9 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts);
     let clean = rt.block_on(async {
         let c = client.clone();
-        tokio::task::spawn_blocking(move || c.shutdown()).await.unwrap_or(false)
+        tokio::task::spawn_blocking(move || c.shutdown())
+            .await
+            .unwrap_or(false)
     });
     if clean {
         state.set_clean_marker()?;

@@ -40,15 +40,22 @@ pub struct StateDir {
 impl StateDir {
     /// Opens (creating, mode 0700) the state directory.
     pub fn open(dir: &Path) -> anyhow::Result<StateDir> {
-        fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
-        Ok(StateDir { dir: dir.to_path_buf() })
+        fs::create_dir_all(dir)
+            .with_context(|| format!("creating state directory {}", dir.display()))?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The default state directory of a mount of `dir`.
     pub fn default_for(dir: &Path) -> PathBuf {
         let mut name = String::new();
         for c in dir.to_string_lossy().chars() {
-            name.push(if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' });
+            name.push(if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            });
         }
         PathBuf::from("/var/lib/hapair/mounts").join(name.trim_start_matches('_'))
     }
@@ -77,7 +84,8 @@ impl StateDir {
         let mut data = Vec::new();
         match File::open(&p) {
             Ok(mut f) => {
-                f.read_to_end(&mut data).with_context(|| format!("reading journal {}", p.display()))?;
+                f.read_to_end(&mut data)
+                    .with_context(|| format!("reading journal {}", p.display()))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("opening journal {}", p.display())),

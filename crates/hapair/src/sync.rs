@@ -27,7 +27,13 @@ pub fn open_below(root: BorrowedFd<'_>, path: &RelPath) -> anyhow::Result<OwnedF
     for (i, c) in comps.iter().enumerate() {
         let last = i + 1 == comps.len();
         let name = CString::new(c.clone()).context("NUL in path")?;
-        let flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | if last { libc::O_RDONLY } else { libc::O_PATH | libc::O_DIRECTORY };
+        let flags = libc::O_NOFOLLOW
+            | libc::O_CLOEXEC
+            | if last {
+                libc::O_RDONLY
+            } else {
+                libc::O_PATH | libc::O_DIRECTORY
+            };
         // SAFETY: valid dir fd and NUL-terminated name.
         let fd = unsafe { libc::openat(cur.as_raw_fd(), name.as_ptr(), flags) };
         if fd < 0 {
@@ -46,7 +52,11 @@ fn lseek(fd: &OwnedFd, off: i64, whence: i32) -> Option<i64> {
 }
 
 /// Sends the content of a regular file as writes, skipping holes.
-fn copy_content(client: &ReplClient, root: BorrowedFd<'_>, e: &ManifestEntry) -> anyhow::Result<()> {
+fn copy_content(
+    client: &ReplClient,
+    root: BorrowedFd<'_>,
+    e: &ManifestEntry,
+) -> anyhow::Result<()> {
     let fd = open_below(root, &e.path)?;
     let mut buf = vec![0u8; MAX_WRITE_PAYLOAD];
     let size = e.size as i64;
@@ -65,12 +75,20 @@ fn copy_content(client: &ReplClient, root: BorrowedFd<'_>, e: &ManifestEntry) ->
             // SAFETY: buf is valid for `want` bytes.
             let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), want, off) };
             if n < 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("reading {}", e.path));
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("reading {}", e.path));
             }
             if n == 0 {
                 bail!("{} shrank while being copied", e.path);
             }
-            client.record_op(Op::Write { path: e.path.clone(), offset: off as u64, mtime: e.mtime }, &buf[..n as usize]);
+            client.record_op(
+                Op::Write {
+                    path: e.path.clone(),
+                    offset: off as u64,
+                    mtime: e.mtime,
+                },
+                &buf[..n as usize],
+            );
             off += n as i64;
         }
         pos = hole;
@@ -99,31 +117,59 @@ fn full_attrs(e: &ManifestEntry, with_mtime: bool) -> Op {
         gid: Some(e.gid),
         size: None,
         atime: TimeSet::Omit,
-        mtime: if with_mtime { TimeSet::At(e.mtime) } else { TimeSet::Omit },
+        mtime: if with_mtime {
+            TimeSet::At(e.mtime)
+        } else {
+            TimeSet::Omit
+        },
     }
 }
 
 /// Executes a plan: every action becomes one or more operations.
-pub fn execute(client: &ReplClient, root: BorrowedFd<'_>, actions: &[SyncAction]) -> anyhow::Result<()> {
+pub fn execute(
+    client: &ReplClient,
+    root: BorrowedFd<'_>,
+    actions: &[SyncAction],
+) -> anyhow::Result<()> {
     for a in actions {
         match a {
             SyncAction::Remove { path, kind } => {
                 let op = if *kind == EntryKind::Dir {
-                    Op::Rmdir { path: path.clone(), parent_mtime: None }
+                    Op::Rmdir {
+                        path: path.clone(),
+                        parent_mtime: None,
+                    }
                 } else {
-                    Op::Unlink { path: path.clone(), parent_mtime: None }
+                    Op::Unlink {
+                        path: path.clone(),
+                        parent_mtime: None,
+                    }
                 };
                 client.record_op(op, &[]);
             }
             SyncAction::MakeDir(e) => {
                 client.record_op(
-                    Op::Mkdir { path: e.path.clone(), mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime, parent_mtime: None },
+                    Op::Mkdir {
+                        path: e.path.clone(),
+                        mode: e.mode,
+                        uid: e.uid,
+                        gid: e.gid,
+                        mtime: e.mtime,
+                        parent_mtime: None,
+                    },
                     &[],
                 );
             }
             SyncAction::CopyFile(e) => {
                 client.record_op(
-                    Op::Create { path: e.path.clone(), mode: e.mode, uid: e.uid, gid: e.gid, mtime: e.mtime, parent_mtime: None },
+                    Op::Create {
+                        path: e.path.clone(),
+                        mode: e.mode,
+                        uid: e.uid,
+                        gid: e.gid,
+                        mtime: e.mtime,
+                        parent_mtime: None,
+                    },
                     &[],
                 );
                 copy_content(client, root, e)?;
@@ -134,7 +180,14 @@ pub fn execute(client: &ReplClient, root: BorrowedFd<'_>, actions: &[SyncAction]
                 client.record_op(attrs, &[]);
             }
             SyncAction::Link { existing, new } => {
-                client.record_op(Op::Link { existing: existing.clone(), new: new.clone(), parent_mtime: None }, &[]);
+                client.record_op(
+                    Op::Link {
+                        existing: existing.clone(),
+                        new: new.clone(),
+                        parent_mtime: None,
+                    },
+                    &[],
+                );
             }
             SyncAction::MakeSymlink(e) => {
                 client.record_op(
@@ -168,11 +221,22 @@ pub fn execute(client: &ReplClient, root: BorrowedFd<'_>, actions: &[SyncAction]
             }
             SyncAction::SetXattrs { path, set, remove } => {
                 for name in remove {
-                    client.record_op(Op::RemoveXattr { path: path.clone(), name: name.clone() }, &[]);
+                    client.record_op(
+                        Op::RemoveXattr {
+                            path: path.clone(),
+                            name: name.clone(),
+                        },
+                        &[],
+                    );
                 }
                 for (name, value) in set {
                     client.record_op(
-                        Op::SetXattr { path: path.clone(), name: name.clone(), value: value.clone(), flags: 0 },
+                        Op::SetXattr {
+                            path: path.clone(),
+                            name: name.clone(),
+                            value: value.clone(),
+                            flags: 0,
+                        },
                         &[],
                     );
                 }

@@ -53,8 +53,11 @@ pub struct Applier {
 impl Applier {
     /// Opens the mirror root (must exist and be a directory).
     pub fn open(root: &Path) -> anyhow::Result<Applier> {
-        let f = std::fs::File::open(root).map_err(|e| anyhow::anyhow!("opening {}: {e}", root.display()))?;
-        let m = f.metadata().map_err(|e| anyhow::anyhow!("stat {}: {e}", root.display()))?;
+        let f = std::fs::File::open(root)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", root.display()))?;
+        let m = f
+            .metadata()
+            .map_err(|e| anyhow::anyhow!("stat {}: {e}", root.display()))?;
         if !m.is_dir() {
             anyhow::bail!("{} is not a directory", root.display());
         }
@@ -85,8 +88,16 @@ impl Applier {
 
     /// Applies one operation. `payload` is the data of a write.
     pub fn apply(&mut self, op: &Op, payload: &[u8]) -> Result<(), ApplyError> {
-        let path_str = op.paths().first().map(|p| p.to_string()).unwrap_or_default();
-        let err = |source: SysError| ApplyError { op: op.name(), path: path_str.clone(), source };
+        let path_str = op
+            .paths()
+            .first()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let err = |source: SysError| ApplyError {
+            op: op.name(),
+            path: path_str.clone(),
+            source,
+        };
         self.apply_inner(op, payload).map_err(err)
     }
 
@@ -102,14 +113,25 @@ impl Applier {
     fn apply_inner(&mut self, op: &Op, payload: &[u8]) -> Result<(), SysError> {
         let root = self.root();
         match op {
-            Op::Write { path, offset, mtime } => {
+            Op::Write {
+                path,
+                offset,
+                mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
                 sys::pwrite_all(f.as_raw_fd(), payload, *offset)?;
                 sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
             }
-            Op::Create { path, mode, uid, gid, mtime, parent_mtime } => {
+            Op::Create {
+                path,
+                mode,
+                uid,
+                gid,
+                mtime,
+                parent_mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 let f = sys::openat(
                     d.as_raw_fd(),
@@ -124,26 +146,57 @@ impl Applier {
                 self.mark_file(path);
                 self.mark_parent(path);
             }
-            Op::Mkdir { path, mode, uid, gid, mtime, parent_mtime } => {
+            Op::Mkdir {
+                path,
+                mode,
+                uid,
+                gid,
+                mtime,
+                parent_mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 match sys::mkdirat(d.as_raw_fd(), &n, 0o700) {
                     Ok(()) => {}
-                    Err(e) if e.errno == libc::EEXIST && sys::kind_at(d.as_raw_fd(), &n)? == libc::S_IFDIR => {}
+                    Err(e)
+                        if e.errno == libc::EEXIST
+                            && sys::kind_at(d.as_raw_fd(), &n)? == libc::S_IFDIR => {}
                     Err(e) => return Err(e),
                 }
-                let dir = sys::openat(d.as_raw_fd(), &n, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+                let dir = sys::openat(
+                    d.as_raw_fd(),
+                    &n,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )?;
                 sys::fchown(dir.as_raw_fd(), Some(*uid), Some(*gid))?;
                 sys::fchmod(dir.as_raw_fd(), mode & 0o7777)?;
                 sys::futimes(dir.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
                 sys::set_dir_mtime(d.as_raw_fd(), *parent_mtime)?;
                 self.mark_parent(path);
             }
-            Op::Mknod { path, mode, rdev, uid, gid, mtime, parent_mtime } => {
+            Op::Mknod {
+                path,
+                mode,
+                rdev,
+                uid,
+                gid,
+                mtime,
+                parent_mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 let kind = mode & libc::S_IFMT;
-                let allowed = [libc::S_IFIFO, libc::S_IFSOCK, libc::S_IFCHR, libc::S_IFBLK, libc::S_IFREG];
+                let allowed = [
+                    libc::S_IFIFO,
+                    libc::S_IFSOCK,
+                    libc::S_IFCHR,
+                    libc::S_IFBLK,
+                    libc::S_IFREG,
+                ];
                 if !allowed.contains(&kind) {
-                    return Err(SysError::new(libc::EINVAL, "mknod of a type that is not a special file"));
+                    return Err(SysError::new(
+                        libc::EINVAL,
+                        "mknod of a type that is not a special file",
+                    ));
                 }
                 sys::mknodat(d.as_raw_fd(), &n, (mode & 0o777) | kind, *rdev)?;
                 sys::chown_at(d.as_raw_fd(), &n, Some(*uid), Some(*gid))?;
@@ -152,7 +205,14 @@ impl Applier {
                 sys::set_dir_mtime(d.as_raw_fd(), *parent_mtime)?;
                 self.mark_parent(path);
             }
-            Op::Symlink { path, target, uid, gid, mtime, parent_mtime } => {
+            Op::Symlink {
+                path,
+                target,
+                uid,
+                gid,
+                mtime,
+                parent_mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 sys::symlinkat(target, d.as_raw_fd(), &n)?;
                 sys::chown_at(d.as_raw_fd(), &n, Some(*uid), Some(*gid))?;
@@ -160,7 +220,11 @@ impl Applier {
                 sys::set_dir_mtime(d.as_raw_fd(), *parent_mtime)?;
                 self.mark_parent(path);
             }
-            Op::Link { existing, new, parent_mtime } => {
+            Op::Link {
+                existing,
+                new,
+                parent_mtime,
+            } => {
                 let (d1, n1) = sys::parent_of(root, existing)?;
                 let (d2, n2) = sys::parent_of(root, new)?;
                 sys::linkat(d1.as_raw_fd(), &n1, d2.as_raw_fd(), &n2)?;
@@ -174,7 +238,13 @@ impl Applier {
                 self.dirty_files.remove(path);
                 self.mark_parent(path);
             }
-            Op::Rename { from, to, flags, from_parent_mtime, to_parent_mtime } => {
+            Op::Rename {
+                from,
+                to,
+                flags,
+                from_parent_mtime,
+                to_parent_mtime,
+            } => {
                 let (d1, n1) = sys::parent_of(root, from)?;
                 let (d2, n2) = sys::parent_of(root, to)?;
                 sys::renameat2(d1.as_raw_fd(), &n1, d2.as_raw_fd(), &n2, *flags)?;
@@ -183,14 +253,25 @@ impl Applier {
                 // Dirty files below a renamed name now live elsewhere:
                 // forget the paths and sync the whole filesystem at the
                 // next barrier if any were pending.
-                let moved = self.dirty_files.iter().any(|p| p.starts_with(from) || p.starts_with(to));
+                let moved = self
+                    .dirty_files
+                    .iter()
+                    .any(|p| p.starts_with(from) || p.starts_with(to));
                 if moved {
                     self.overflow = true;
                 }
                 self.mark_parent(from);
                 self.mark_parent(to);
             }
-            Op::SetAttr { path, mode, uid, gid, size, atime, mtime } => {
+            Op::SetAttr {
+                path,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+            } => {
                 let (d, n) = sys::parent_or_self(root, path)?;
                 let kind = sys::kind_at(d.as_raw_fd(), &n)?;
                 // Order matters: chown clears set-id bits, so the mode comes
@@ -214,7 +295,9 @@ impl Applier {
                 }
                 self.mark_parent(path);
             }
-            Op::SetXattr { path, name, value, .. } => {
+            Op::SetXattr {
+                path, name, value, ..
+            } => {
                 let (d, n) = sys::parent_or_self(root, path)?;
                 sys::lsetxattr(d.as_raw_fd(), &n, name, value)?;
                 self.mark_file(path);
@@ -224,7 +307,13 @@ impl Applier {
                 sys::lremovexattr(d.as_raw_fd(), &n, name)?;
                 self.mark_file(path);
             }
-            Op::Fallocate { path, mode, offset, len, mtime } => {
+            Op::Fallocate {
+                path,
+                mode,
+                offset,
+                len,
+                mtime,
+            } => {
                 let (d, n) = sys::parent_of(root, path)?;
                 let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
                 sys::fallocate(f.as_raw_fd(), *mode, *offset, *len)?;
@@ -251,7 +340,11 @@ impl Applier {
                 }
             }
             for p in &self.dirty_dirs {
-                match sys::open_below(root, p, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW) {
+                match sys::open_below(
+                    root,
+                    p,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                ) {
                     Ok(f) => sys::fsync(f.as_raw_fd())?,
                     Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
                     Err(e) => return Err(e),
@@ -278,7 +371,12 @@ fn kind_of(mode: u32) -> Option<EntryKind> {
     })
 }
 
-fn entry_for(dir: RawFd, name: &[u8], path: RelPath, hash: bool) -> anyhow::Result<(ManifestEntry, libc::stat)> {
+fn entry_for(
+    dir: RawFd,
+    name: &[u8],
+    path: RelPath,
+    hash: bool,
+) -> anyhow::Result<(ManifestEntry, libc::stat)> {
     let st = sys::lstat_at(dir, name).map_err(|e| anyhow::anyhow!("stat {path}: {e}"))?;
     let kind = kind_of(st.st_mode).ok_or_else(|| anyhow::anyhow!("{path}: unknown file type"))?;
     let target = if kind == EntryKind::Symlink {
@@ -289,20 +387,35 @@ fn entry_for(dir: RawFd, name: &[u8], path: RelPath, hash: bool) -> anyhow::Resu
     let content_hash = if hash && kind == EntryKind::File {
         let f = sys::openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
             .map_err(|e| anyhow::anyhow!("open {path}: {e}"))?;
-        Some(sys::hash_content(f.as_raw_fd(), st.st_size as u64).map_err(|e| anyhow::anyhow!("read {path}: {e}"))?)
+        Some(
+            sys::hash_content(f.as_raw_fd(), st.st_size as u64)
+                .map_err(|e| anyhow::anyhow!("read {path}: {e}"))?,
+        )
     } else {
         None
     };
-    let xattrs = sys::list_xattrs(dir, name).map_err(|e| anyhow::anyhow!("xattrs of {path}: {e}"))?;
+    let xattrs =
+        sys::list_xattrs(dir, name).map_err(|e| anyhow::anyhow!("xattrs of {path}: {e}"))?;
     let e = ManifestEntry {
         path,
         kind,
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,
-        size: if kind == EntryKind::File { st.st_size as u64 } else { 0 },
-        mtime: hapair_proto::Timestamp { sec: st.st_mtime, nsec: st.st_mtime_nsec as u32 },
-        rdev: if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) { st.st_rdev } else { 0 },
+        size: if kind == EntryKind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
+        mtime: hapair_proto::Timestamp {
+            sec: st.st_mtime,
+            nsec: st.st_mtime_nsec as u32,
+        },
+        rdev: if matches!(kind, EntryKind::CharDev | EntryKind::BlockDev) {
+            st.st_rdev
+        } else {
+            0
+        },
         target,
         link_group: (kind == EntryKind::File && st.st_nlink > 1).then_some(st.st_ino),
         xattrs,
@@ -320,8 +433,13 @@ pub fn scan_tree(
     hash_content: bool,
     sink: &mut dyn FnMut(Vec<ManifestEntry>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let root = sys::openat(dir_fd.as_raw_fd(), b".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
-        .map_err(|e| anyhow::anyhow!("opening the tree root: {e}"))?;
+    let root = sys::openat(
+        dir_fd.as_raw_fd(),
+        b".",
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    )
+    .map_err(|e| anyhow::anyhow!("opening the tree root: {e}"))?;
     let mut chunk = Vec::new();
     let (root_entry, _) = entry_for(root.as_raw_fd(), b".", RelPath::root(), false)?;
     chunk.push(root_entry);
@@ -329,15 +447,23 @@ pub fn scan_tree(
     // bounded by depth × directory size, not by the tree.
     let mut stack: Vec<(OwnedFd, RelPath)> = vec![(root, RelPath::root())];
     while let Some((dfd, prefix)) = stack.pop() {
-        let mut names = sys::read_dir_names(dfd.as_raw_fd()).map_err(|e| anyhow::anyhow!("listing {prefix}: {e}"))?;
+        let mut names = sys::read_dir_names(dfd.as_raw_fd())
+            .map_err(|e| anyhow::anyhow!("listing {prefix}: {e}"))?;
         names.sort();
         let mut subdirs = Vec::new();
         for name in names {
-            let path = prefix.join(&name).map_err(|e| anyhow::anyhow!("name in {prefix}: {e}"))?;
+            let path = prefix
+                .join(&name)
+                .map_err(|e| anyhow::anyhow!("name in {prefix}: {e}"))?;
             let (e, _) = entry_for(dfd.as_raw_fd(), &name, path.clone(), hash_content)?;
             if e.kind == EntryKind::Dir {
-                let sub = sys::openat(dfd.as_raw_fd(), &name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-                    .map_err(|e| anyhow::anyhow!("opening {path}: {e}"))?;
+                let sub = sys::openat(
+                    dfd.as_raw_fd(),
+                    &name,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )
+                .map_err(|e| anyhow::anyhow!("opening {path}: {e}"))?;
                 subdirs.push((sub, path));
             }
             chunk.push(e);
@@ -355,7 +481,10 @@ pub fn scan_tree(
 }
 
 /// The whole manifest as one vector (small trees, tests, the mount's side).
-pub fn scan_tree_vec(dir_fd: BorrowedFd<'_>, hash_content: bool) -> anyhow::Result<Vec<ManifestEntry>> {
+pub fn scan_tree_vec(
+    dir_fd: BorrowedFd<'_>,
+    hash_content: bool,
+) -> anyhow::Result<Vec<ManifestEntry>> {
     let mut all = Vec::new();
     scan_tree(dir_fd, hash_content, &mut |c| {
         all.extend(c);

@@ -15,11 +15,17 @@ pub struct SysError {
 
 impl SysError {
     pub fn new(errno: i32, what: &str) -> SysError {
-        SysError { errno, what: what.to_string() }
+        SysError {
+            errno,
+            what: what.to_string(),
+        }
     }
     fn last(what: &str) -> SysError {
         let e = std::io::Error::last_os_error();
-        SysError { errno: e.raw_os_error().unwrap_or(libc::EIO), what: what.to_string() }
+        SysError {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            what: what.to_string(),
+        }
     }
 }
 
@@ -38,7 +44,10 @@ fn check(r: libc::c_int, what: &str) -> Result<libc::c_int, SysError> {
 pub fn openat(dir: RawFd, name: &[u8], flags: i32, mode: u32) -> Result<OwnedFd, SysError> {
     let n = cs(name)?;
     // SAFETY: valid fd and NUL-terminated name.
-    let fd = check(unsafe { libc::openat(dir, n.as_ptr(), flags | libc::O_CLOEXEC, mode) }, "openat")?;
+    let fd = check(
+        unsafe { libc::openat(dir, n.as_ptr(), flags | libc::O_CLOEXEC, mode) },
+        "openat",
+    )?;
     // SAFETY: fd was just returned by the kernel and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -47,10 +56,17 @@ pub fn openat(dir: RawFd, name: &[u8], flags: i32, mode: u32) -> Result<OwnedFd,
 /// following any symlink; returns it and the last component.
 pub fn parent_of(root: RawFd, p: &RelPath) -> Result<(OwnedFd, Vec<u8>), SysError> {
     let comps = p.components();
-    let (last, dirs) = comps.split_last().ok_or_else(|| SysError::new(libc::EINVAL, "the root has no parent"))?;
+    let (last, dirs) = comps
+        .split_last()
+        .ok_or_else(|| SysError::new(libc::EINVAL, "the root has no parent"))?;
     let mut cur = openat(root, b".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
     for c in dirs {
-        cur = openat(cur.as_raw_fd(), c, libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
+        cur = openat(
+            cur.as_raw_fd(),
+            c,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )?;
     }
     Ok((cur, last.clone()))
 }
@@ -58,7 +74,10 @@ pub fn parent_of(root: RawFd, p: &RelPath) -> Result<(OwnedFd, Vec<u8>), SysErro
 /// Like `parent_of`, but the root itself is (root, ".").
 pub fn parent_or_self(root: RawFd, p: &RelPath) -> Result<(OwnedFd, Vec<u8>), SysError> {
     if p.is_root() {
-        Ok((openat(root, b".", libc::O_PATH | libc::O_DIRECTORY, 0)?, b".".to_vec()))
+        Ok((
+            openat(root, b".", libc::O_PATH | libc::O_DIRECTORY, 0)?,
+            b".".to_vec(),
+        ))
     } else {
         parent_of(root, p)
     }
@@ -72,8 +91,14 @@ pub fn open_below(root: RawFd, p: &RelPath, flags: i32) -> Result<OwnedFd, SysEr
 
 pub fn tspec(t: TimeSet) -> libc::timespec {
     match t {
-        TimeSet::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        TimeSet::At(Timestamp { sec, nsec }) => libc::timespec { tv_sec: sec, tv_nsec: nsec as i64 },
+        TimeSet::Omit => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        TimeSet::At(Timestamp { sec, nsec }) => libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec as i64,
+        },
     }
 }
 
@@ -107,12 +132,23 @@ pub fn set_dir_mtime(dir: RawFd, t: Option<Timestamp>) -> Result<(), SysError> {
     Ok(())
 }
 
-pub fn chown_at(dir: RawFd, name: &[u8], uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
+pub fn chown_at(
+    dir: RawFd,
+    name: &[u8],
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), SysError> {
     let n = cs(name)?;
     // SAFETY: valid fd and C string; u32::MAX (-1) leaves an id unchanged.
     check(
         unsafe {
-            libc::fchownat(dir, n.as_ptr(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX), libc::AT_SYMLINK_NOFOLLOW)
+            libc::fchownat(
+                dir,
+                n.as_ptr(),
+                uid.unwrap_or(u32::MAX),
+                gid.unwrap_or(u32::MAX),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
         },
         "fchownat",
     )?;
@@ -121,7 +157,10 @@ pub fn chown_at(dir: RawFd, name: &[u8], uid: Option<u32>, gid: Option<u32>) -> 
 
 pub fn fchown(fd: RawFd, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
     // SAFETY: valid fd.
-    check(unsafe { libc::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)) }, "fchown")?;
+    check(
+        unsafe { libc::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX)) },
+        "fchown",
+    )?;
     Ok(())
 }
 
@@ -171,21 +210,30 @@ pub fn mkdirat(dir: RawFd, name: &[u8], mode: u32) -> Result<(), SysError> {
 pub fn mknodat(dir: RawFd, name: &[u8], mode: u32, rdev: u64) -> Result<(), SysError> {
     let n = cs(name)?;
     // SAFETY: valid fd and C string.
-    check(unsafe { libc::mknodat(dir, n.as_ptr(), mode, rdev) }, "mknodat")?;
+    check(
+        unsafe { libc::mknodat(dir, n.as_ptr(), mode, rdev) },
+        "mknodat",
+    )?;
     Ok(())
 }
 
 pub fn symlinkat(target: &[u8], dir: RawFd, name: &[u8]) -> Result<(), SysError> {
     let (t, n) = (cs(target)?, cs(name)?);
     // SAFETY: valid fd and C strings.
-    check(unsafe { libc::symlinkat(t.as_ptr(), dir, n.as_ptr()) }, "symlinkat")?;
+    check(
+        unsafe { libc::symlinkat(t.as_ptr(), dir, n.as_ptr()) },
+        "symlinkat",
+    )?;
     Ok(())
 }
 
 pub fn linkat(d1: RawFd, n1: &[u8], d2: RawFd, n2: &[u8]) -> Result<(), SysError> {
     let (a, b) = (cs(n1)?, cs(n2)?);
     // SAFETY: valid fds and C strings; flags 0 never follows a symlink.
-    check(unsafe { libc::linkat(d1, a.as_ptr(), d2, b.as_ptr(), 0) }, "linkat")?;
+    check(
+        unsafe { libc::linkat(d1, a.as_ptr(), d2, b.as_ptr(), 0) },
+        "linkat",
+    )?;
     Ok(())
 }
 
@@ -193,14 +241,20 @@ pub fn unlinkat(dir: RawFd, name: &[u8], is_dir: bool) -> Result<(), SysError> {
     let n = cs(name)?;
     let flags = if is_dir { libc::AT_REMOVEDIR } else { 0 };
     // SAFETY: valid fd and C string.
-    check(unsafe { libc::unlinkat(dir, n.as_ptr(), flags) }, "unlinkat")?;
+    check(
+        unsafe { libc::unlinkat(dir, n.as_ptr(), flags) },
+        "unlinkat",
+    )?;
     Ok(())
 }
 
 pub fn renameat2(d1: RawFd, n1: &[u8], d2: RawFd, n2: &[u8], flags: u32) -> Result<(), SysError> {
     let (a, b) = (cs(n1)?, cs(n2)?);
     // SAFETY: valid fds and C strings.
-    check(unsafe { libc::renameat2(d1, a.as_ptr(), d2, b.as_ptr(), flags) }, "renameat2")?;
+    check(
+        unsafe { libc::renameat2(d1, a.as_ptr(), d2, b.as_ptr(), flags) },
+        "renameat2",
+    )?;
     Ok(())
 }
 
@@ -228,7 +282,10 @@ pub fn ftruncate(fd: RawFd, size: u64) -> Result<(), SysError> {
 
 pub fn fallocate(fd: RawFd, mode: i32, off: u64, len: u64) -> Result<(), SysError> {
     // SAFETY: valid fd.
-    check(unsafe { libc::fallocate(fd, mode, off as i64, len as i64) }, "fallocate")?;
+    check(
+        unsafe { libc::fallocate(fd, mode, off as i64, len as i64) },
+        "fallocate",
+    )?;
     Ok(())
 }
 
@@ -253,14 +310,28 @@ fn proc_child(dir: RawFd, name: &[u8]) -> Result<CString, SysError> {
 pub fn lsetxattr(dir: RawFd, name: &[u8], key: &[u8], value: &[u8]) -> Result<(), SysError> {
     let (p, k) = (proc_child(dir, name)?, cs(key)?);
     // SAFETY: valid C strings and buffer.
-    check(unsafe { libc::lsetxattr(p.as_ptr(), k.as_ptr(), value.as_ptr().cast(), value.len(), 0) }, "lsetxattr")?;
+    check(
+        unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                k.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        },
+        "lsetxattr",
+    )?;
     Ok(())
 }
 
 pub fn lremovexattr(dir: RawFd, name: &[u8], key: &[u8]) -> Result<(), SysError> {
     let (p, k) = (proc_child(dir, name)?, cs(key)?);
     // SAFETY: valid C strings.
-    check(unsafe { libc::lremovexattr(p.as_ptr(), k.as_ptr()) }, "lremovexattr")?;
+    check(
+        unsafe { libc::lremovexattr(p.as_ptr(), k.as_ptr()) },
+        "lremovexattr",
+    )?;
     Ok(())
 }
 
@@ -273,10 +344,17 @@ pub fn list_xattrs(dir: RawFd, name: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, S
     if n < 0 {
         let e = SysError::last("llistxattr");
         // Filesystems or entry types without xattr support have none.
-        return if matches!(e.errno, libc::ENOTSUP) { Ok(Vec::new()) } else { Err(e) };
+        return if matches!(e.errno, libc::ENOTSUP) {
+            Ok(Vec::new())
+        } else {
+            Err(e)
+        };
     }
     let mut out = Vec::new();
-    for key in buf[..n as usize].split(|b| *b == 0).filter(|k| !k.is_empty()) {
+    for key in buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|k| !k.is_empty())
+    {
         let k = cs(key)?;
         let mut v = vec![0u8; 64 * 1024];
         // SAFETY: valid C strings and buffer.
@@ -357,14 +435,23 @@ pub fn hash_content(fd: RawFd, size: u64) -> Result<u64, SysError> {
         let mut block = (data as u64 / HASH_BLOCK) * HASH_BLOCK;
         // SAFETY: valid fd.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        let end = if hole < 0 {
+            size
+        } else {
+            (hole as u64).min(size)
+        };
         while block < end {
             let want = HASH_BLOCK.min(size - block) as usize;
             let mut got = 0usize;
             while got < want {
                 // SAFETY: valid fd and buffer.
                 let n = unsafe {
-                    libc::pread(fd, buf[got..want].as_mut_ptr().cast(), want - got, (block + got as u64) as i64)
+                    libc::pread(
+                        fd,
+                        buf[got..want].as_mut_ptr().cast(),
+                        want - got,
+                        (block + got as u64) as i64,
+                    )
                 };
                 if n < 0 {
                     return Err(SysError::last("pread"));
@@ -385,4 +472,3 @@ pub fn hash_content(fd: RawFd, size: u64) -> Result<u64, SysError> {
     }
     Ok(h.digest())
 }
-
