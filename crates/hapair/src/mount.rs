@@ -65,7 +65,7 @@ async fn connect(a: &MountArgs) -> anyhow::Result<Connected> {
         .context("mirror closed the stream during the handshake")?;
     match hapair_proto::decode_from_mirror(body)?.header {
         FromMirror::HelloOk { version, .. } if version == PROTOCOL_VERSION => {}
-        FromMirror::Refused { reason } => bail!("the mirror refused this mount: {reason}"),
+        FromMirror::Refused { reason } => return Err(RefusedByMirror(reason).into()),
         other => bail!("unexpected handshake answer from the mirror: {other:?}"),
     }
     Ok(Connected {
@@ -99,6 +99,27 @@ async fn fetch_manifest(c: &mut Connected, hash: bool) -> anyhow::Result<Vec<Man
     }
 }
 
+/// The mirror answered the handshake with an explicit refusal (protocol
+/// version, node name): a configuration error, not an outage.
+#[derive(Debug)]
+struct RefusedByMirror(String);
+impl std::fmt::Display for RefusedByMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the mirror refused this mount: {}", self.0)
+    }
+}
+impl std::error::Error for RefusedByMirror {}
+
+/// True when the connection failed because the two sides do not accept each
+/// other (TLS certificates, ALPN, or an explicit refusal), as opposed to the
+/// mirror being unreachable. Carrying on alone would hide a wrong cluster,
+/// node or port behind a "degraded" status, so the mount refuses to start.
+fn is_refusal(e: &anyhow::Error) -> bool {
+    hapair_transport::is_authentication_failure(e)
+        || e.chain()
+            .any(|c| c.downcast_ref::<RefusedByMirror>().is_some())
+}
+
 fn status_base(a: &MountArgs) -> Status {
     Status {
         state: "syncing".into(),
@@ -122,11 +143,23 @@ async fn start_replication(
         max_lag_ms: a.max_lag_ms,
         ..Default::default()
     };
-    let clean = state.take_clean_marker()?;
-    let dirty = state.dirty_set()?;
     let mut base = status_base(a);
     state.write_status(&base)?;
-    let mut c = match connect(a).await {
+    // On a refusal nothing is consumed: the clean marker and the journal stay
+    // as they were, for the mount that will be started correctly.
+    let connected = match connect(a).await {
+        Err(e) if is_refusal(&e) => {
+            return Err(e.context(format!(
+                "the mirror at {} and this mount do not accept each other: check --tls, \
+                 --node, --peer-node and --peer",
+                a.peer
+            )))
+        }
+        other => other,
+    };
+    let clean = state.take_clean_marker()?;
+    let dirty = state.dirty_set()?;
+    let mut c = match connected {
         Ok(c) => c,
         Err(e) => {
             warn!(

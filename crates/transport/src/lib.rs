@@ -19,6 +19,7 @@ pub use certs::{
 pub use frames::{FrameReader, FrameWriter};
 pub(crate) use quic::provider;
 pub use quic::{
-    client_endpoint, client_endpoint_with, connect, install_crypto_provider, peer_node_name,
-    server_endpoint, server_endpoint_with, TransportTuning,
+    client_endpoint, client_endpoint_with, connect, install_crypto_provider,
+    is_authentication_failure, peer_node_name, server_endpoint, server_endpoint_with,
+    TransportTuning,
 };

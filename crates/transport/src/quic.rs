@@ -246,6 +246,30 @@ pub async fn connect(
     }
 }
 
+/// True when `e` (or any error in its chain) is a QUIC connection that
+/// ended on a TLS failure: this side refused the peer's certificate or
+/// ALPN, or the peer refused ours. Such a failure is a configuration
+/// problem (wrong cluster, wrong node, wrong port), not an outage: retrying
+/// or carrying on alone would hide it.
+pub fn is_authentication_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<quinn::ConnectionError>()
+            .is_some_and(connection_error_is_tls)
+    })
+}
+
+/// QUIC carries TLS alerts as transport error codes 0x100..=0x1ff (RFC 9001
+/// section 4.8), in either direction.
+fn connection_error_is_tls(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        _ => return false,
+    };
+    (0x100..=0x1ff).contains(&code)
+}
+
 /// The node name of the authenticated peer: the first DNS subject
 /// alternative name of its certificate, else its common name. `None` if the
 /// peer presented no certificate (which the endpoints of this crate never

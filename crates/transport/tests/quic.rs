@@ -3,9 +3,9 @@
 use anyhow::{anyhow, Context, Result};
 use hapair_proto::{decode_body, encode_frame, Frame, ALPN_REPLICATION, MAX_FRAME_BYTES};
 use hapair_transport::{
-    client_endpoint, client_endpoint_with, connect, install_crypto_provider, peer_node_name,
-    server_endpoint, server_endpoint_with, tls_init, FrameReader, FrameWriter, TlsMaterial,
-    TransportTuning,
+    client_endpoint, client_endpoint_with, connect, install_crypto_provider,
+    is_authentication_failure, peer_node_name, server_endpoint, server_endpoint_with, tls_init,
+    FrameReader, FrameWriter, TlsMaterial, TransportTuning,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use std::net::{SocketAddr, UdpSocket};
@@ -229,6 +229,7 @@ async fn wrong_expected_name_is_refused_by_the_client() {
     let err = client_res.unwrap_err();
     assert_has(&server_res, "not valid for name");
     assert!(format!("{err:#}").contains("gamma"), "{err:#}");
+    assert!(is_authentication_failure(&err), "{err:#}");
     // An IP-looking expected name is refused up front.
     assert!(connect(&client_ep, addr, Some("127.0.0.1"), T)
         .await
@@ -285,6 +286,10 @@ async fn server_from_another_ca_is_refused_by_the_client() {
     );
     assert!(server_res.is_err());
     assert_has(&client_res, "invalid peer certificate");
+    assert!(
+        is_authentication_failure(client_res.as_ref().unwrap_err()),
+        "a refused server certificate is an authentication failure"
+    );
     // Also without an expected name: the chain is still checked.
     let (_, client_res) = tokio::join!(accept_one(&server), connect(&client_ep, addr, None, T));
     assert!(
@@ -363,6 +368,42 @@ async fn wrong_alpn_is_refused() {
     assert!(server_res.is_err());
     assert!(client_res.is_err());
     assert_has(&server_res, "protocol");
+    assert!(is_authentication_failure(client_res.as_ref().unwrap_err()));
+}
+
+#[tokio::test]
+async fn refusal_by_the_server_is_seen_by_the_client_and_silence_is_not() {
+    install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = cluster(&tmp.path().join("ours"), &["alpha", "beta"]);
+    let theirs = cluster(&tmp.path().join("theirs"), &["alpha", "beta"]);
+    // The client trusts the server (same CA) but presents a certificate of
+    // another CA: with TLS 1.3 its handshake completes, and the server's
+    // refusal arrives on the first stream operation.
+    let theirs_dir = tmp.path().join("theirs");
+    let server = server_endpoint(loopback(), &ours[1], ALPN_REPLICATION).unwrap();
+    let addr = server.local_addr().unwrap();
+    let intruder = raw_client(
+        &tmp.path().join("ours/ca.pem"),
+        Some((&theirs_dir.join("alpha.pem"), &theirs_dir.join("alpha.key"))),
+    );
+    let client = raw_round_trip(&intruder, addr);
+    drop(theirs);
+    let (server_res, client_res) = tokio::join!(accept_one(&server), client);
+    assert!(server_res.is_err());
+    let err = client_res.unwrap_err();
+    assert!(
+        is_authentication_failure(&err),
+        "the server's refusal must be recognised: {err:#}"
+    );
+    // Nobody listening: a timeout, not an authentication failure.
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let ep = client_endpoint(silent_addr, &ours[0], ALPN_REPLICATION).unwrap();
+    let err = connect(&ep, silent_addr, None, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(!is_authentication_failure(&err), "{err:#}");
 }
 
 #[tokio::test]
