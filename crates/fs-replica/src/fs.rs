@@ -96,7 +96,7 @@ enum NewKind<'a> {
 /// The filesystem. See the module documentation for the locking rules.
 pub struct ReplicaFs {
     repl: Arc<dyn Replicator>,
-    order: Mutex<()>,
+    order: Arc<Mutex<()>>,
     ns: RwLock<()>,
     table: Mutex<InodeTable>,
     files: Mutex<HashMap<u64, Arc<FileH>>>,
@@ -315,7 +315,7 @@ impl ReplicaFs {
         }
         Ok(ReplicaFs {
             repl,
-            order: Mutex::new(()),
+            order: Arc::new(Mutex::new(())),
             ns: RwLock::new(()),
             table: Mutex::new(InodeTable::new(backing, &st)),
             files: Mutex::new(HashMap::new()),
@@ -326,6 +326,13 @@ impl ReplicaFs {
             writeback_cache: false,
             posix_acl: false,
         })
+    }
+
+    /// The ordering lock (lock 1 above). Whoever holds it pauses every
+    /// mutation of the mount while reads go on: the replication uses it to
+    /// catch a mirror up with a stable tree.
+    pub fn ordering_lock(&self) -> Arc<Mutex<()>> {
+        self.order.clone()
     }
 
     /// Number of inodes currently known (for tests and metrics).

@@ -2,10 +2,20 @@
 //!
 //! FUSE threads call [`ReplClient`] through the `Replicator` trait: they
 //! block on a `std` condition variable (backpressure, strict acks,
-//! durability points); two tokio tasks move frames to the mirror and
-//! acknowledgements back. All state lives in one mutex, `Shared::inner`;
-//! nothing else is locked while it is held except the journal file (which it
-//! owns), so there is no lock order to get wrong.
+//! durability points, a supervised mount held without its mirror); tokio
+//! tasks move frames to the mirror and acknowledgements back. All state
+//! lives in one mutex, `Shared::inner`; nothing else is locked while it is
+//! held except the journal file (which it owns), so there is no lock order
+//! to get wrong.
+//!
+//! # Sessions
+//! A client starts either connected ([`ReplClient::replicating`], used by
+//! tests of the pipeline) or degraded ([`ReplClient::degraded`]), and joins
+//! the mirror with [`ReplClient::resync`]: a new session whose sender and
+//! receiver tasks carry the session's number, so that the tasks of an
+//! earlier session never touch a later one. While a session resyncs, the
+//! caller keeps application mutations paused; when its final barrier is
+//! durable the journal is cleared and the pipeline replicates.
 
 use crate::state::{StateDir, Status};
 use hapair_proto::{encode_frame, FromMirror, Op, Seq, ToMirror};
@@ -37,8 +47,17 @@ struct Inner {
     journal: Option<File>,
     journal_records: u64,
     connection: Option<quinn::Connection>,
+    /// Number of the current session (0: none yet). Tasks of an older
+    /// session stop as soon as they see a different number.
+    session: u64,
     /// Set by `shutdown`: the sender stops after draining.
     closing: bool,
+    /// Set by `abort`: held and waiting callers fail with EIO (the mount is
+    /// being torn down in an emergency; nothing may be acknowledged).
+    aborted: bool,
+    /// Under the supervisor, a completed resync ends the permission to go
+    /// on alone (the supervisor grants it again when the peer is lost).
+    supervised: bool,
 }
 
 pub struct Shared {
@@ -56,28 +75,43 @@ pub struct ReplClient {
     sh: Arc<Shared>,
 }
 
+/// Figures for status displays.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ClientStats {
+    pub state: String,
+    pub alone_allowed: bool,
+    pub last_seq: Seq,
+    pub applied_seq: Seq,
+    pub durable_seq: Seq,
+    pub inflight_bytes: u64,
+    pub degraded_reason: Option<String>,
+    pub journal_records: u64,
+}
+
 impl ReplClient {
-    /// A client with no mirror: every operation is journaled.
+    /// A client with no mirror: every operation is journaled. `supervised`:
+    /// callers are held (not acknowledged) until [`ReplClient::allow_alone`]
+    /// or a completed resync; otherwise they go on alone at once.
     pub fn degraded(
         cfg: CoreConfig,
         state: StateDir,
         status_base: Status,
         reason: String,
+        supervised: bool,
     ) -> anyhow::Result<Self> {
         let journal = state.open_journal_append()?;
-        let c = Self::build(
-            ReplCore::new_degraded(cfg, reason),
-            state,
-            status_base,
-            Some(journal),
-            None,
-        );
+        let mut core = ReplCore::new_degraded(cfg, reason);
+        core.set_alone_allowed(!supervised);
+        let c = Self::build(core, state, status_base, Some(journal), None, supervised);
+        c.spawn_timer();
         c.write_status();
         Ok(c)
     }
 
-    /// A client replicating over an established, handshaken stream. Spawns
-    /// the sender, receiver and timer tasks on the current tokio runtime.
+    /// A client replicating over an established, handshaken stream (its
+    /// first op is seq 1). Spawns the sender, receiver and timer tasks on
+    /// the current tokio runtime.
+    #[allow(dead_code)]
     pub fn replicating(
         cfg: CoreConfig,
         state: StateDir,
@@ -86,10 +120,18 @@ impl ReplClient {
         writer: FrameWriter,
         reader: FrameReader,
     ) -> Self {
-        let c = Self::build(ReplCore::new(cfg), state, status_base, None, Some(conn));
-        tokio::spawn(c.clone().sender(writer));
-        tokio::spawn(c.clone().receiver(reader));
-        tokio::spawn(c.clone().timer());
+        let c = Self::build(
+            ReplCore::new(cfg),
+            state,
+            status_base,
+            None,
+            Some(conn),
+            false,
+        );
+        c.lock().session = 1;
+        tokio::spawn(c.clone().sender(writer, 1));
+        tokio::spawn(c.clone().receiver(reader, 1));
+        c.spawn_timer();
         c.write_status();
         c
     }
@@ -100,6 +142,7 @@ impl ReplClient {
         status_base: Status,
         journal: Option<File>,
         connection: Option<quinn::Connection>,
+        supervised: bool,
     ) -> Self {
         ReplClient {
             sh: Arc::new(Shared {
@@ -110,7 +153,10 @@ impl ReplClient {
                     journal,
                     journal_records: 0,
                     connection,
+                    session: 0,
                     closing: false,
+                    aborted: false,
+                    supervised,
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
@@ -118,6 +164,15 @@ impl ReplClient {
                 state,
                 status_base,
             }),
+        }
+    }
+
+    fn spawn_timer(&self) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(self.clone().timer());
+            }
+            Err(_) => error!("replication client built outside a runtime: no timer"),
         }
     }
 
@@ -137,6 +192,51 @@ impl ReplClient {
         self.lock().core.state() == LinkState::Degraded
     }
 
+    pub fn link_state(&self) -> LinkState {
+        self.lock().core.state()
+    }
+
+    /// The next seq this client will hand out (for a session's hello).
+    pub fn next_seq(&self) -> Seq {
+        self.lock().core.last_seq() + 1
+    }
+
+    /// Grants or withdraws the permission to go on without the mirror (see
+    /// `ReplCore::set_alone_allowed`). Granting it releases held callers.
+    pub fn allow_alone(&self, allowed: bool) {
+        let mut g = self.lock();
+        g.core.set_alone_allowed(allowed);
+        drop(g);
+        self.sh.cond.notify_all();
+        self.write_status();
+    }
+
+    /// Fails every held or waiting caller with EIO from now on, and drops the
+    /// link: the mount is being torn down without a flush.
+    pub fn abort(&self) {
+        let mut g = self.lock();
+        g.aborted = true;
+        if g.core.state() != LinkState::Degraded {
+            self.go_degraded(&mut g, "aborted");
+        }
+        drop(g);
+        self.sh.cond.notify_all();
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        let g = self.lock();
+        ClientStats {
+            state: state_name(g.core.state()).to_string(),
+            alone_allowed: g.core.alone_allowed(),
+            last_seq: g.core.last_seq(),
+            applied_seq: g.core.applied(),
+            durable_seq: g.core.durable(),
+            inflight_bytes: g.core.inflight_bytes(),
+            degraded_reason: g.core.degraded_reason().map(str::to_string),
+            journal_records: g.journal_records,
+        }
+    }
+
     /// Switches to degraded: everything not yet applied goes to the journal.
     fn go_degraded(&self, g: &mut MutexGuard<'_, Inner>, reason: &str) {
         if g.core.state() != LinkState::Degraded {
@@ -147,18 +247,21 @@ impl ReplClient {
         }
         warn!(
             reason,
-            "mirror lost: continuing alone, journaling changes for the resync"
+            "mirror lost: continuing without it, journaling changes for the resync"
         );
         g.queue.clear();
         if let Some(c) = g.connection.take() {
             c.close(1u32.into(), b"degraded");
         }
         let mut buf = Vec::new();
+        let mut n = 0u64;
         for (_, recs) in g.unacked.drain(..) {
             for r in recs {
                 journal::encode(&r, &mut buf);
+                n += 1;
             }
         }
+        g.journal_records += n;
         match self.sh.state.open_journal_append() {
             Ok(mut f) => {
                 if let Err(e) = f.write_all(&buf) {
@@ -219,7 +322,7 @@ impl ReplClient {
         let seq = g.core.push(bytes, self.now_ms());
         let recs = journal::records_for(&op, payload.len());
         match g.core.state() {
-            LinkState::Replicating => {
+            LinkState::Replicating | LinkState::Resyncing => {
                 let mut frame = Vec::with_capacity(payload.len() + 64);
                 let msg = ToMirror::Op { seq, op };
                 if let Err(e) = encode_frame(&msg, payload, &mut frame) {
@@ -242,15 +345,19 @@ impl ReplClient {
         seq
     }
 
-    /// Blocks until `w` holds or the pipeline is degraded.
-    fn wait(&self, w: WaitFor) {
+    /// Blocks until `w` holds (or the pipeline is degraded and allowed to go
+    /// on alone). Err(EIO) once the client is aborted.
+    fn wait(&self, w: WaitFor) -> Result<(), i32> {
         let mut g = self.lock();
         loop {
+            if g.aborted && w != WaitFor::Nothing {
+                return Err(libc::EIO);
+            }
             if g.core.satisfied(w) {
                 if g.core.state() == LinkState::Degraded && g.journal.is_none() {
                     self.go_degraded(&mut g, "degraded");
                 }
-                return;
+                return Ok(());
             }
             let now = self.now_ms();
             if g.core.tick(now) {
@@ -270,20 +377,51 @@ impl ReplClient {
 
     pub fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
         let w = self.lock().core.wait_after_mutation(seq);
-        self.wait(w);
-        Ok(())
+        self.wait(w)
     }
 
     /// A durability point: a barrier, then wait until the mirror made it
-    /// durable (sync and strict modes). When degraded, the journal itself
-    /// is made durable instead.
+    /// durable (sync and strict modes). Without the mirror, the journal is
+    /// made durable instead, once the client may go on alone (a held
+    /// supervised client waits for the permission or for its resync).
     pub fn durability_point(&self) -> Result<(), i32> {
-        let degraded = self.is_degraded();
-        if !degraded {
-            let seq = self.record_op(Op::Barrier, &[]);
-            let w = self.lock().core.wait_for_durability(seq);
-            self.wait(w);
+        loop {
+            let (state, allowed) = {
+                let g = self.lock();
+                if g.aborted {
+                    return Err(libc::EIO);
+                }
+                (g.core.state(), g.core.alone_allowed())
+            };
+            match state {
+                LinkState::Replicating => {
+                    let seq = self.record_op(Op::Barrier, &[]);
+                    let w = self.lock().core.wait_for_durability(seq);
+                    self.wait(w)?;
+                    // Lost the mirror while waiting and held: go round again
+                    // (the journal or the next session covers the barrier).
+                    let g = self.lock();
+                    if g.core.state() == LinkState::Replicating || g.core.durable() >= seq {
+                        return Ok(());
+                    }
+                }
+                LinkState::Degraded | LinkState::Resyncing if allowed => {
+                    return self.sync_journal();
+                }
+                LinkState::Degraded | LinkState::Resyncing => {
+                    // Held: wait for a state or permission change.
+                    let g = self.lock();
+                    let _ = self
+                        .sh
+                        .cond
+                        .wait_timeout(g, Duration::from_millis(50))
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
         }
+    }
+
+    fn sync_journal(&self) -> Result<(), i32> {
         let g = self.lock();
         if let Some(f) = g.journal.as_ref() {
             f.sync_data().map_err(|e| {
@@ -294,16 +432,114 @@ impl ReplClient {
         Ok(())
     }
 
+    /// Joins the mirror over a handshaken stream whose hello announced
+    /// `next_seq` (from [`ReplClient::next_seq`], with mutations paused since),
+    /// catches it up with `catch_up` (which records the resync's operations
+    /// through this client), makes everything durable there, clears the
+    /// journal and replicates from then on. The caller keeps application
+    /// mutations paused for the whole call. On error the client is degraded
+    /// again and the journal keeps everything.
+    pub fn resync(
+        &self,
+        rt: &tokio::runtime::Handle,
+        conn: quinn::Connection,
+        writer: FrameWriter,
+        reader: FrameReader,
+        next_seq: Seq,
+        catch_up: impl FnOnce(&ReplClient) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let session = {
+            let mut g = self.lock();
+            anyhow::ensure!(
+                g.core.state() == LinkState::Degraded,
+                "resync while {}",
+                state_name(g.core.state())
+            );
+            anyhow::ensure!(
+                g.core.last_seq() + 1 == next_seq,
+                "operations were recorded between the hello and the resync (mutations not paused)"
+            );
+            anyhow::ensure!(!g.aborted && !g.closing, "the mount is going away");
+            // Whatever the journal file holds so far must survive a crash
+            // during the resync.
+            if let Some(f) = g.journal.as_ref() {
+                f.sync_data()
+                    .map_err(|e| anyhow::anyhow!("journal fsync failed: {e}"))?;
+            }
+            g.core.begin_resync();
+            g.session += 1;
+            g.connection = Some(conn);
+            g.queue.clear();
+            g.unacked.clear();
+            g.session
+        };
+        rt.spawn(self.clone().sender(writer, session));
+        rt.spawn(self.clone().receiver(reader, session));
+        self.write_status();
+        let result = catch_up(self).and_then(|()| {
+            let seq = self.record_op(Op::Barrier, &[]);
+            let mut g = self.lock();
+            loop {
+                if g.session != session || g.core.state() != LinkState::Resyncing {
+                    anyhow::bail!(
+                        "mirror lost during the resync: {}",
+                        g.core.degraded_reason().unwrap_or("unknown")
+                    );
+                }
+                if g.core.durable() >= seq {
+                    break;
+                }
+                let now = self.now_ms();
+                if g.core.tick(now) {
+                    let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
+                    self.go_degraded(&mut g, &reason);
+                    continue;
+                }
+                let wait = g.core.next_deadline_ms(now).unwrap_or(50).clamp(1, 50);
+                g = self
+                    .sh
+                    .cond
+                    .wait_timeout(g, Duration::from_millis(wait))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            // The mirror holds everything: the journal has served.
+            self.sh.state.clear_journal()?;
+            g.journal = None;
+            g.journal_records = 0;
+            g.core.end_resync();
+            if g.supervised {
+                g.core.set_alone_allowed(false);
+            }
+            Ok(())
+        });
+        if let Err(e) = &result {
+            let mut g = self.lock();
+            if g.session == session && g.core.state() != LinkState::Degraded {
+                self.go_degraded(&mut g, &format!("resync failed: {e:#}"));
+            }
+        }
+        self.sh.cond.notify_all();
+        self.write_status();
+        result
+    }
+
     /// Final barrier at unmount. Returns true if the mirror holds everything
-    /// durably (a clean shutdown).
+    /// durably (a clean shutdown). Never held: without the mirror it only
+    /// makes the journal durable.
     pub fn shutdown(&self) -> bool {
-        let _ = self.durability_point();
+        if self.link_state() == LinkState::Replicating {
+            let _ = self.durability_point();
+        } else {
+            let _ = self.sync_journal();
+        }
         let mut g = self.lock();
         let clean =
             g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
         g.closing = true;
         drop(g);
         self.sh.wake_sender.notify_one();
+        self.sh.cond.notify_all();
         self.write_status();
         clean
     }
@@ -311,34 +547,36 @@ impl ReplClient {
     /// Writes status.json (best effort; logs on failure).
     pub fn write_status(&self) {
         let mut s = self.sh.status_base.clone();
-        {
-            let g = self.lock();
-            s.state = match g.core.state() {
-                LinkState::Replicating => "replicating",
-                LinkState::Degraded => "degraded",
-            }
-            .to_string();
-            s.last_seq = g.core.last_seq();
-            s.applied_seq = g.core.applied();
-            s.durable_seq = g.core.durable();
-            s.inflight_bytes = g.core.inflight_bytes();
-            s.degraded_reason = g.core.degraded_reason().map(str::to_string);
-            s.journal_records = g.journal_records;
-        }
+        let st = self.stats();
+        s.state = st.state;
+        s.last_seq = st.last_seq;
+        s.applied_seq = st.applied_seq;
+        s.durable_seq = st.durable_seq;
+        s.inflight_bytes = st.inflight_bytes;
+        s.degraded_reason = st.degraded_reason;
+        s.journal_records = st.journal_records;
+        s.alone_allowed = st.alone_allowed;
         if let Err(e) = self.sh.state.write_status(&s) {
             warn!("cannot write status: {e:#}");
         }
     }
 
-    async fn sender(self, mut writer: FrameWriter) {
+    /// True while `session` is the client's current session and it carries
+    /// operations.
+    fn session_live(g: &Inner, session: u64) -> bool {
+        g.session == session && g.core.state() != LinkState::Degraded
+    }
+
+    async fn sender(self, mut writer: FrameWriter, session: u64) {
         let mut batch: Vec<u8> = Vec::with_capacity(SEND_BATCH_BYTES + (1 << 20));
         loop {
             let notified = self.sh.wake_sender.notified();
             batch.clear();
-            let (degraded, closing) = {
+            let (live, closing) = {
                 let mut g = self.lock();
+                let live = Self::session_live(&g, session);
                 let mut n = 0;
-                while n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
+                while live && n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
                     match g.queue.pop_front() {
                         Some(f) => {
                             batch.extend_from_slice(&f);
@@ -347,9 +585,9 @@ impl ReplClient {
                         None => break,
                     }
                 }
-                (g.core.state() == LinkState::Degraded, g.closing)
+                (live, g.closing)
             };
-            if degraded {
+            if !live {
                 return;
             }
             if batch.is_empty() {
@@ -362,7 +600,9 @@ impl ReplClient {
             }
             if let Err(e) = writer.send_raw(&batch).await {
                 let mut g = self.lock();
-                self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
+                if g.session == session {
+                    self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
+                }
                 drop(g);
                 self.write_status();
                 return;
@@ -370,7 +610,7 @@ impl ReplClient {
         }
     }
 
-    async fn receiver(self, mut reader: FrameReader) {
+    async fn receiver(self, mut reader: FrameReader, session: u64) {
         let reason = loop {
             let body = match reader.next_body().await {
                 Ok(Some(b)) => b,
@@ -384,7 +624,7 @@ impl ReplClient {
             match frame.header {
                 FromMirror::Ack { applied, durable } => {
                     let mut g = self.lock();
-                    if g.core.state() == LinkState::Degraded {
+                    if !Self::session_live(&g, session) {
                         return;
                     }
                     match g.core.on_ack(applied, durable) {
@@ -410,6 +650,9 @@ impl ReplClient {
             }
         };
         let mut g = self.lock();
+        if g.session != session {
+            return;
+        }
         if g.closing
             && g.core.state() == LinkState::Replicating
             && g.core.durable() == g.core.last_seq()
@@ -439,18 +682,24 @@ impl ReplClient {
                 self.write_status();
                 last_status = Instant::now();
             }
-            if closing || self.is_degraded() {
-                if degraded_now {
-                    info!(
-                        "replication degraded; journal at {}",
-                        self.sh.state.journal_path().display()
-                    );
-                }
-                if closing {
-                    return;
-                }
+            if degraded_now {
+                info!(
+                    "replication degraded; journal at {}",
+                    self.sh.state.journal_path().display()
+                );
+            }
+            if closing {
+                return;
             }
         }
+    }
+}
+
+pub fn state_name(s: LinkState) -> &'static str {
+    match s {
+        LinkState::Replicating => "replicating",
+        LinkState::Degraded => "degraded",
+        LinkState::Resyncing => "resyncing",
     }
 }
 

@@ -75,6 +75,9 @@ enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
         threads: u64,
+        /// While degraded, how often to try to rejoin the mirror.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+        reconnect_ms: u64,
         dir: PathBuf,
     },
 }
@@ -177,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             backing,
             threads,
+            reconnect_ms,
             dir,
         } => {
             check_dir("DIR", &dir)?;
@@ -198,14 +202,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mount::run(mount::MountArgs {
                 dir,
                 backing,
-                peer,
-                peer_node,
-                tls,
-                mode,
+                link: mount::LinkCfg {
+                    peer,
+                    peer_node,
+                    tls,
+                    mode,
+                    dir_key: String::new(),
+                    timeout_ms,
+                },
                 timeout_ms,
                 max_lag_ms,
                 state_dir,
                 threads: threads as usize,
+                reconnect_ms,
             })
         }
     }

@@ -42,34 +42,97 @@ pub fn open_dir(dir: &Path) -> anyhow::Result<OwnedFd> {
     Ok(f.into())
 }
 
+/// The directories a mirror applies into, by the key a mount names in its
+/// hello (the directory as written in the cluster configuration; `""` for
+/// a standalone `hapair mirror`).
+pub type MirrorDirs = std::collections::BTreeMap<String, PathBuf>;
+
+/// Who may replicate into this mirror.
+#[derive(Clone, Debug)]
+pub enum Accept {
+    /// Any node of the cluster (standalone `hapair mirror`).
+    AnyNode,
+    /// Only this node (the supervisor: the pair's other node).
+    Node(String),
+}
+
+/// `hapair mirror`: serves `dir` until SIGTERM or SIGINT.
 pub async fn serve(listen: SocketAddr, tls: TlsMaterial, dir: PathBuf) -> anyhow::Result<()> {
     open_dir(&dir)?;
     let ep = hapair_transport::server_endpoint(listen, &tls, ALPN_REPLICATION)
         .with_context(|| format!("listening on {listen}"))?;
     info!(%listen, dir = %dir.display(), node = tls.node(), "mirror listening");
-    let current: Arc<std::sync::Mutex<Option<quinn::Connection>>> =
-        Arc::new(std::sync::Mutex::new(None));
-    let session = Arc::new(Mutex::new(()));
+    let dirs = MirrorDirs::from([(String::new(), dir)]);
+    serve_until(ep, dirs, Accept::AnyNode, async {
+        shutdown_signal().await;
+        info!("mirror stopping");
+    })
+    .await;
+    Ok(())
+}
+
+/// Serves replication sessions into `dirs` from `ep` until `stop` completes,
+/// then closes the endpoint and returns once every session's applier has
+/// stopped (nothing writes into the directories any more).
+pub async fn serve_until(
+    ep: quinn::Endpoint,
+    dirs: MirrorDirs,
+    accept: Accept,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let slots: Arc<Slots> = Arc::new(
+        dirs.into_iter()
+            .map(|(k, d)| {
+                let slot = Slot {
+                    dir: d,
+                    current: std::sync::Mutex::new(None),
+                    session: Mutex::new(()),
+                };
+                (k, Arc::new(slot))
+            })
+            .collect(),
+    );
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
-                let (current, session, dir) = (current.clone(), session.clone(), dir.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = handle(incoming, current, session, dir).await {
+                let (slots, accept) = (slots.clone(), accept.clone());
+                // Bounded: finished sessions are reaped below; a flood of
+                // connections is bounded by the TLS handshake (only cluster
+                // nodes get through) and one session per directory applies.
+                sessions.spawn(async move {
+                    if let Err(e) = handle(incoming, slots, accept).await {
                         warn!("replication session ended: {e:#}");
                     }
                 });
             }
-            _ = shutdown_signal() => {
-                info!("mirror stopping");
-                break;
-            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = &mut stop => break,
         }
     }
     ep.close(0u32.into(), b"mirror stopping");
-    Ok(())
+    for slot in slots.values() {
+        if let Some(c) = slot
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            c.close(0u32.into(), b"mirror stopping");
+        }
+    }
+    while sessions.join_next().await.is_some() {}
 }
+
+/// One replicated directory: at most one session applies into it at a time.
+struct Slot {
+    dir: PathBuf,
+    current: std::sync::Mutex<Option<quinn::Connection>>,
+    session: Mutex<()>,
+}
+type Slots = std::collections::BTreeMap<String, Arc<Slot>>;
 
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -85,9 +148,8 @@ pub async fn shutdown_signal() {
 
 async fn handle(
     incoming: quinn::Incoming,
-    current: Arc<std::sync::Mutex<Option<quinn::Connection>>>,
-    session: Arc<Mutex<()>>,
-    dir: PathBuf,
+    slots: Arc<Slots>,
+    accept: Accept,
 ) -> anyhow::Result<()> {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
@@ -113,18 +175,34 @@ async fn handle(
         version,
         node,
         mode,
+        dir: key,
+        next_seq,
     } = hello.header
     else {
         anyhow::bail!("first message from {remote} was not a hello");
     };
-    if version != PROTOCOL_VERSION || node != peer {
-        let reason = if version != PROTOCOL_VERSION {
-            format!(
-                "protocol version {version} not supported (this mirror speaks {PROTOCOL_VERSION})"
-            )
-        } else {
-            format!("hello names node '{node}' but the certificate is for '{peer}'")
-        };
+    let slot = slots.get(&key).cloned();
+    let refusal = if version != PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {version} not supported (this mirror speaks {PROTOCOL_VERSION})"
+        ))
+    } else if node != peer {
+        Some(format!(
+            "hello names node '{node}' but the certificate is for '{peer}'"
+        ))
+    } else if matches!(&accept, Accept::Node(n) if *n != peer) {
+        Some(format!(
+            "node '{peer}' may not replicate into this node (only its pair may)"
+        ))
+    } else if slot.is_none() {
+        Some(format!(
+            "no replicated directory {key:?} here (check [replication] dirs in both nodes' configuration)"
+        ))
+    } else {
+        None
+    };
+    let (Some(slot), None) = (slot, &refusal) else {
+        let reason = refusal.unwrap_or_default();
         warn!(%remote, "{reason}");
         let _ = writer
             .send(
@@ -136,18 +214,20 @@ async fn handle(
             .await;
         let _ = writer.finish().await;
         anyhow::bail!(reason);
-    }
+    };
+    let dir = slot.dir.clone();
     // Take over from any previous session, then wait until it has stopped
     // applying.
-    if let Some(old) = current
+    if let Some(old) = slot
+        .current
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .replace(conn.clone())
     {
         old.close(2u32.into(), b"superseded by a new session");
     }
-    let _session = session.lock().await;
-    info!(%remote, node, %mode, "replication session started");
+    let _session = slot.session.lock().await;
+    info!(%remote, node, %mode, dir = %dir.display(), next_seq, "replication session started");
     writer
         .send(
             &FromMirror::HelloOk {
@@ -162,15 +242,15 @@ async fn handle(
         .with_context(|| format!("opening mirror directory {}", dir.display()))?;
     let scan_fd = open_dir(&dir)?;
     let (work_tx, work_rx) = mpsc::channel::<Work>(APPLY_QUEUE);
-    let (ack_tx, ack_rx) = watch::channel((0u64, 0u64));
+    let (ack_tx, ack_rx) = watch::channel((next_seq - 1, next_seq - 1));
     let (out_tx, out_rx) = mpsc::channel::<FromMirror>(16);
     let apply_thread = std::thread::Builder::new()
         .name("mirror-apply".into())
-        .spawn(move || apply_loop(applier, scan_fd, work_rx, ack_tx, out_tx))
+        .spawn(move || apply_loop(applier, scan_fd, work_rx, ack_tx, out_tx, next_seq - 1))
         .context("spawning applier thread")?;
     let writer_task = tokio::spawn(write_loop(writer, ack_rx, out_rx));
 
-    let result = read_loop(&mut reader, work_tx, &node).await;
+    let result = read_loop(&mut reader, work_tx, &node, next_seq).await;
     // The reader is done (stream end, error or refusal): the applier drains
     // what it was given, then the writer sends the last acks.
     let _ = tokio::task::spawn_blocking(move || apply_thread.join()).await;
@@ -184,8 +264,9 @@ async fn read_loop(
     reader: &mut FrameReader,
     work: mpsc::Sender<Work>,
     node: &str,
+    next_seq: Seq,
 ) -> anyhow::Result<()> {
-    let mut expected: Seq = 1;
+    let mut expected: Seq = next_seq;
     loop {
         let body = match reader.next_body().await {
             Ok(Some(b)) => b,
@@ -232,8 +313,9 @@ fn apply_loop(
     mut work: mpsc::Receiver<Work>,
     acks: watch::Sender<(Seq, Seq)>,
     out: mpsc::Sender<FromMirror>,
+    base: Seq,
 ) {
-    let (mut applied, mut durable, mut acked) = (0u64, 0u64, 0u64);
+    let (mut applied, mut durable, mut acked) = (base, base, base);
     while let Some(w) = work.blocking_recv() {
         match w {
             Work::Manifest { hash } => {

@@ -1,78 +1,103 @@
-//! `hapair mount`: the replicated mount of one directory.
+//! `hapair mount`: the replicated mount of one directory, and the link to
+//! its mirror that the supervisor's mounts use too.
 //!
 //! Start-up order: open the backing directory (before mounting over it),
 //! connect and handshake with the mirror, bring the mirror to the same tree
-//! (full synchronisation), and only then mount FUSE and serve. If the mirror
-//! cannot be reached within the timeout, the mount serves alone (degraded)
-//! and journals that a full compare is needed.
+//! (synchronisation), and only then mount FUSE and serve. If the mirror
+//! cannot be reached, the mount serves alone (degraded), journals that a full
+//! compare is needed, and keeps trying to rejoin the mirror in the
+//! background: when it answers again, mutations pause while the mirror is
+//! caught up, then replication goes on.
 
 use crate::client::ReplClient;
 use crate::state::{StateDir, Status};
 use anyhow::{bail, Context};
-use hapair_proto::{FromMirror, ManifestEntry, Mode, ToMirror, ALPN_REPLICATION, PROTOCOL_VERSION};
+use hapair_proto::{
+    FromMirror, ManifestEntry, Mode, Seq, ToMirror, ALPN_REPLICATION, PROTOCOL_VERSION,
+};
 use hapair_repl_core::journal::DirtyRecord;
 use hapair_repl_core::CoreConfig;
 use hapair_transport::{FrameReader, FrameWriter, TlsMaterial};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
 
 pub struct MountArgs {
     pub dir: PathBuf,
     pub backing: Option<PathBuf>,
-    pub peer: SocketAddr,
-    pub peer_node: Option<String>,
-    pub tls: TlsMaterial,
-    pub mode: Mode,
+    pub link: LinkCfg,
     pub timeout_ms: u64,
     pub max_lag_ms: u64,
     pub state_dir: PathBuf,
     pub threads: usize,
+    /// How often a degraded mount tries to rejoin its mirror.
+    pub reconnect_ms: u64,
 }
 
-struct Connected {
+/// How a mount reaches its mirror.
+#[derive(Clone)]
+pub struct LinkCfg {
+    pub peer: SocketAddr,
+    /// The mirror's expected certificate name (None: any cluster node).
+    pub peer_node: Option<String>,
+    pub tls: TlsMaterial,
+    pub mode: Mode,
+    /// The directory's key on the mirror (empty for a standalone mirror).
+    pub dir_key: String,
+    /// Handshake and answer timeout.
+    pub timeout_ms: u64,
+}
+
+pub struct Connected {
     conn: quinn::Connection,
     writer: FrameWriter,
     reader: FrameReader,
 }
 
-async fn connect(a: &MountArgs) -> anyhow::Result<Connected> {
-    let timeout = Duration::from_millis(a.timeout_ms);
-    let ep = hapair_transport::client_endpoint(a.peer, &a.tls, ALPN_REPLICATION)?;
-    let conn = hapair_transport::connect(&ep, a.peer, a.peer_node.as_deref(), timeout).await?;
-    let (send, recv) = conn
-        .open_bi()
+/// Opens an authenticated QUIC connection and the replication stream. The
+/// handshake proper ([`hello`]) comes later, once mutations are paused.
+pub async fn dial(l: &LinkCfg) -> anyhow::Result<Connected> {
+    let timeout = Duration::from_millis(l.timeout_ms);
+    let ep = hapair_transport::client_endpoint(l.peer, &l.tls, ALPN_REPLICATION)?;
+    let conn = hapair_transport::connect(&ep, l.peer, l.peer_node.as_deref(), timeout).await?;
+    let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
         .await
+        .context("opening the replication stream timed out")?
         .context("opening the replication stream")?;
-    let mut writer = FrameWriter::new(send);
-    let mut reader = FrameReader::new(recv);
-    writer
+    Ok(Connected {
+        conn,
+        writer: FrameWriter::new(send),
+        reader: FrameReader::new(recv),
+    })
+}
+
+/// The replication handshake: this session's first op is `next_seq`.
+async fn hello(c: &mut Connected, l: &LinkCfg, next_seq: Seq) -> anyhow::Result<()> {
+    let timeout = Duration::from_millis(l.timeout_ms);
+    c.writer
         .send(
             &ToMirror::Hello {
                 version: PROTOCOL_VERSION,
-                node: a.tls.node().to_string(),
-                mode: a.mode,
+                node: l.tls.node().to_string(),
+                mode: l.mode,
+                dir: l.dir_key.clone(),
+                next_seq,
             },
             &[],
         )
         .await?;
-    let body = tokio::time::timeout(timeout, reader.next_body())
+    let body = tokio::time::timeout(timeout, c.reader.next_body())
         .await
         .context("mirror did not answer the hello")??
         .context("mirror closed the stream during the handshake")?;
     match hapair_proto::decode_from_mirror(body)?.header {
-        FromMirror::HelloOk { version, .. } if version == PROTOCOL_VERSION => {}
-        FromMirror::Refused { reason } => return Err(RefusedByMirror(reason).into()),
+        FromMirror::HelloOk { version, .. } if version == PROTOCOL_VERSION => Ok(()),
+        FromMirror::Refused { reason } => Err(RefusedByMirror(reason).into()),
         other => bail!("unexpected handshake answer from the mirror: {other:?}"),
     }
-    Ok(Connected {
-        conn,
-        writer,
-        reader,
-    })
 }
 
 async fn fetch_manifest(c: &mut Connected, hash: bool) -> anyhow::Result<Vec<ManifestEntry>> {
@@ -100,7 +125,8 @@ async fn fetch_manifest(c: &mut Connected, hash: bool) -> anyhow::Result<Vec<Man
 }
 
 /// The mirror answered the handshake with an explicit refusal (protocol
-/// version, node name): a configuration error, not an outage.
+/// version, node name, unknown directory): a configuration error, not an
+/// outage.
 #[derive(Debug)]
 struct RefusedByMirror(String);
 impl std::fmt::Display for RefusedByMirror {
@@ -113,111 +139,73 @@ impl std::error::Error for RefusedByMirror {}
 /// True when the connection failed because the two sides do not accept each
 /// other (TLS certificates, ALPN, or an explicit refusal), as opposed to the
 /// mirror being unreachable. Carrying on alone would hide a wrong cluster,
-/// node or port behind a "degraded" status, so the mount refuses to start.
-fn is_refusal(e: &anyhow::Error) -> bool {
+/// node or port behind a "degraded" status.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
     hapair_transport::is_authentication_failure(e)
         || e.chain()
             .any(|c| c.downcast_ref::<RefusedByMirror>().is_some())
 }
 
+/// What a resync did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JoinStats {
+    pub hashed: bool,
+    pub entries_local: usize,
+    pub entries_mirror: usize,
+    pub plan: String,
+    pub took_ms: u64,
+}
+
+/// Joins the mirror over a dialled connection and catches it up: with
+/// `pause` held (the mount's ordering lock, when mounted) the hello
+/// announces the next seq, both trees are listed (with content hashes when
+/// `full`, after an unclean stop or a degraded period), what differs is sent,
+/// and the final barrier made durable. Blocking: call it from a thread that
+/// may block, with `rt` the runtime the connection lives on.
+pub fn join_mirror(
+    rt: &tokio::runtime::Handle,
+    client: &ReplClient,
+    mut c: Connected,
+    l: &LinkCfg,
+    backing: BorrowedFd<'_>,
+    state: &StateDir,
+    full: bool,
+    pause: Option<&Mutex<()>>,
+) -> anyhow::Result<JoinStats> {
+    let t0 = std::time::Instant::now();
+    let _paused = pause.map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+    let next_seq = client.next_seq();
+    rt.block_on(hello(&mut c, l, next_seq))?;
+    let dirty = state.dirty_set()?;
+    let hash = full || !dirty.is_empty();
+    info!(hash, next_seq, "comparing trees with the mirror");
+    let remote = rt.block_on(fetch_manifest(&mut c, hash))?;
+    let local = hapair_mirror::scan_tree_vec(backing, hash)?;
+    let mut stats = JoinStats {
+        hashed: hash,
+        entries_local: local.len(),
+        entries_mirror: remote.len(),
+        ..Default::default()
+    };
+    client.resync(rt, c.conn, c.writer, c.reader, next_seq, |cl| {
+        let s = crate::sync::synchronise(cl, backing, &local, &remote, &dirty)?;
+        stats.plan = format!("{s:?}");
+        Ok(())
+    })?;
+    stats.took_ms = t0.elapsed().as_millis() as u64;
+    info!(?stats, "mirror caught up: replicating");
+    Ok(stats)
+}
+
 fn status_base(a: &MountArgs) -> Status {
     Status {
         state: "syncing".into(),
-        mode: a.mode.to_string(),
+        mode: a.link.mode.to_string(),
         dir: a.dir.display().to_string(),
-        peer: a.peer.to_string(),
+        peer: a.link.peer.to_string(),
         pid: std::process::id(),
         ..Default::default()
     }
-}
-
-/// Connects, synchronises, and returns the client to serve with.
-async fn start_replication(
-    a: &MountArgs,
-    backing: &OwnedFd,
-    state: &StateDir,
-) -> anyhow::Result<ReplClient> {
-    let cfg = CoreConfig {
-        mode: a.mode,
-        timeout_ms: a.timeout_ms,
-        max_lag_ms: a.max_lag_ms,
-        ..Default::default()
-    };
-    let mut base = status_base(a);
-    state.write_status(&base)?;
-    // On a refusal nothing is consumed: the clean marker and the journal stay
-    // as they were, for the mount that will be started correctly.
-    let connected = match connect(a).await {
-        Err(e) if is_refusal(&e) => {
-            return Err(e.context(format!(
-                "the mirror at {} and this mount do not accept each other: check --tls, \
-                 --node, --peer-node and --peer",
-                a.peer
-            )))
-        }
-        other => other,
-    };
-    let clean = state.take_clean_marker()?;
-    let dirty = state.dirty_set()?;
-    let mut c = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(
-                "mirror {} unreachable: {e:#}; serving alone (degraded)",
-                a.peer
-            );
-            state.append_journal(&[DirtyRecord::Full])?;
-            return ReplClient::degraded(
-                cfg,
-                state.clone(),
-                base,
-                format!("mirror unreachable at start: {e:#}"),
-            );
-        }
-    };
-    // Content hashes only when a byte-level difference could hide behind
-    // equal sizes and mtimes: after a crash or a degraded period.
-    let hash = !clean || !dirty.is_empty();
-    info!(hash, "comparing trees with the mirror");
-    let remote = fetch_manifest(&mut c, hash).await?;
-    let backing_dup = backing.try_clone().context("dup backing fd")?;
-    let local = tokio::task::spawn_blocking(move || {
-        hapair_mirror::scan_tree_vec(backing_dup.as_fd(), hash)
-    })
-    .await
-    .context("scan task")??;
-    base.state = "replicating".into();
-    let client = ReplClient::replicating(cfg, state.clone(), base, c.conn, c.writer, c.reader);
-    let (cl, backing_dup) = (
-        client.clone(),
-        backing.try_clone().context("dup backing fd")?,
-    );
-    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-        let stats = crate::sync::synchronise(&cl, backing_dup.as_fd(), &local, &remote, &dirty)?;
-        info!(
-            ?stats,
-            "synchronisation sent; waiting for the mirror to make it durable"
-        );
-        cl.durability_point()
-            .map_err(|e| anyhow::anyhow!("errno {e}"))?;
-        Ok(!cl.is_degraded())
-    })
-    .await
-    .context("sync task")?;
-    match outcome {
-        Ok(true) => {
-            state.clear_journal()?;
-            info!("mirror in sync");
-        }
-        Ok(false) | Err(_) => {
-            if let Err(e) = &outcome {
-                error!("synchronisation failed: {e:#}");
-            }
-            state.append_journal(&[DirtyRecord::Full])?;
-        }
-    }
-    client.write_status();
-    Ok(client)
 }
 
 pub fn run(a: MountArgs) -> anyhow::Result<()> {
@@ -237,21 +225,93 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         .thread_name("hapair-net")
         .build()
         .context("starting the runtime")?;
-    let client = rt.block_on(start_replication(&a, &backing, &state))?;
+    let cfg = CoreConfig {
+        mode: a.link.mode,
+        timeout_ms: a.timeout_ms,
+        max_lag_ms: a.max_lag_ms,
+        ..Default::default()
+    };
+    state.write_status(&status_base(&a))?;
+    // On a refusal nothing is consumed: the clean marker and the journal
+    // stay as they were, for the mount that will be started correctly.
+    let dialled = match rt.block_on(dial(&a.link)) {
+        Err(e) if is_refusal(&e) => {
+            return Err(e.context(format!(
+                "the mirror at {} and this mount do not accept each other: check --tls, \
+                 --node, --peer-node and --peer",
+                a.link.peer
+            )))
+        }
+        other => other,
+    };
+    let clean = state.take_clean_marker()?;
+    let client = {
+        let _rt = rt.enter();
+        ReplClient::degraded(
+            cfg,
+            state.clone(),
+            status_base(&a),
+            "not connected yet".into(),
+            false,
+        )?
+    };
+    match dialled {
+        Ok(c) => {
+            let r = join_mirror(
+                rt.handle(),
+                &client,
+                c,
+                &a.link,
+                backing.as_fd(),
+                &state,
+                !clean,
+                None,
+            );
+            match r {
+                Ok(_) => info!("mirror in sync"),
+                Err(e) if is_refusal(&e) => {
+                    return Err(
+                        e.context(format!("the mirror at {} refused this mount", a.link.peer))
+                    )
+                }
+                Err(e) => {
+                    error!("synchronisation failed: {e:#}; serving alone (degraded)");
+                    state.append_journal(&[DirtyRecord::Full])?;
+                }
+            }
+        }
+        Err(e) => {
+            warn!(
+                "mirror {} unreachable: {e:#}; serving alone (degraded)",
+                a.link.peer
+            );
+            state.append_journal(&[DirtyRecord::Full])?;
+        }
+    }
+    client.write_status();
 
-    let fs = hapair_fs_replica::ReplicaFs::new(backing, Arc::new(client.clone()))?;
+    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?;
+    let pause = fs.ordering_lock();
     let dir = a.dir.clone();
     rt.spawn(async move {
         crate::mirror_server::shutdown_signal().await;
         info!("signal received: unmounting {}", dir.display());
         crate::unmount(&dir);
     });
+    rt.spawn(rejoin_loop(
+        client.clone(),
+        a.link.clone(),
+        backing.try_clone()?,
+        state.clone(),
+        pause,
+        a.reconnect_ms,
+    ));
     let opts = hapair_fs_replica::MountOptions {
         n_threads: a.threads,
         fsname: format!("hapair:{}", backing_path.display()),
         ..Default::default()
     };
-    info!(dir = %a.dir.display(), mode = %a.mode, "serving");
+    info!(dir = %a.dir.display(), mode = %a.link.mode, "serving");
     let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts);
     let clean = rt.block_on(async {
         let c = client.clone();
@@ -267,4 +327,48 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     served
+}
+
+/// While the mount is degraded, tries every `every_ms` to rejoin the mirror.
+/// A refusal is logged and retried too (the operator may be fixing it).
+async fn rejoin_loop(
+    client: ReplClient,
+    link: LinkCfg,
+    backing: OwnedFd,
+    state: StateDir,
+    pause: Arc<Mutex<()>>,
+    every_ms: u64,
+) {
+    let backing = Arc::new(backing);
+    loop {
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+        if !client.is_degraded() {
+            continue;
+        }
+        let c = match dial(&link).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("mirror still unreachable: {e:#}");
+                continue;
+            }
+        };
+        info!("mirror {} answers again: catching it up", link.peer);
+        let (cl, l, b, st, p) = (
+            client.clone(),
+            link.clone(),
+            backing.clone(),
+            state.clone(),
+            pause.clone(),
+        );
+        let rt = tokio::runtime::Handle::current();
+        let r = tokio::task::spawn_blocking(move || {
+            join_mirror(&rt, &cl, c, &l, b.as_fd(), &st, false, Some(&p))
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => info!("mirror {} rejoined", link.peer),
+            Ok(Err(e)) => warn!("rejoining the mirror failed: {e:#}"),
+            Err(e) => error!("rejoin task failed: {e}"),
+        }
+    }
 }

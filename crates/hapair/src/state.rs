@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 /// The mount's status as written to status.json (documented in the README).
 #[derive(Serialize, Clone, Debug, Default)]
 pub struct Status {
-    /// "syncing", "replicating" or "degraded".
+    /// "syncing", "replicating", "resyncing" or "degraded".
     pub state: String,
     pub mode: String,
     pub dir: String,
@@ -30,6 +30,9 @@ pub struct Status {
     pub inflight_bytes: u64,
     pub degraded_reason: Option<String>,
     pub journal_records: u64,
+    /// The mount may acknowledge writes without its mirror (always for a
+    /// standalone mount; under the supervisor, while it serves alone).
+    pub alone_allowed: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -28,7 +28,10 @@ pub use path::{PathError, RelPath};
 
 /// Version of the protocol spoken by this build. Both sides send it in the
 /// handshake; a mismatch ends the connection with a clear error.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Longest directory key a hello may carry.
+pub const MAX_DIR_KEY_BYTES: usize = 4096;
 
 /// ALPN identifier used on the QUIC connection (replication traffic).
 pub const ALPN_REPLICATION: &[u8] = b"hapair-repl/1";
@@ -482,6 +485,14 @@ pub enum ToMirror {
         /// The mount's node name (checked against its certificate's name).
         node: String,
         mode: Mode,
+        /// Which replicated directory this session is for: the key the
+        /// mirror serves it under (the directory as written in the cluster
+        /// configuration; empty for a standalone `hapair mirror`).
+        dir: String,
+        /// The seq of the first operation of this session (a mount that
+        /// reconnects goes on with its own numbering). The mirror's
+        /// acknowledgements start at `next_seq - 1`.
+        next_seq: Seq,
     },
     /// Ask for a listing of the mirror's tree. `hash_content` asks for
     /// content hashes of regular files (expensive: reads every file).
@@ -618,6 +629,12 @@ pub fn decode_to_mirror(body: Vec<u8>) -> Result<Frame<ToMirror>, ProtoError> {
         }
         ToMirror::Hello { node, .. } if node.is_empty() || node.len() > 64 => {
             return Err(ProtoError::Invalid("bad node name in hello"))
+        }
+        ToMirror::Hello { dir, .. } if dir.len() > MAX_DIR_KEY_BYTES => {
+            return Err(ProtoError::Invalid("directory key too long in hello"))
+        }
+        ToMirror::Hello { next_seq, .. } if *next_seq == 0 || *next_seq == Seq::MAX => {
+            return Err(ProtoError::Invalid("bad first seq in hello"))
         }
         _ => {}
     }

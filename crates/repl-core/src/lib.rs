@@ -50,8 +50,15 @@ pub enum LinkState {
     /// Connected; operations stream to the mirror.
     Replicating,
     /// The mirror is gone or stopped answering: operations are journaled for
-    /// a later resync instead of being sent.
+    /// a later resync instead of being sent. Whether callers may return
+    /// without the mirror depends on the permission to go on alone (see
+    /// [`ReplCore::set_alone_allowed`]).
     Degraded,
+    /// A new session with the mirror is catching it up (the adapter sends
+    /// what the journal and a tree comparison say differs, then a barrier).
+    /// Operations are sent as when replicating, but everything recorded
+    /// before the session began is covered only once it ends.
+    Resyncing,
 }
 
 /// What a caller must wait for before it may return to the application.
@@ -104,6 +111,12 @@ pub struct ReplCore {
     inflight_bytes: u64,
     /// Why the pipeline went degraded, for status.
     degraded_reason: Option<String>,
+    /// Callers may return without the mirror (their changes are journaled).
+    /// Always true for a standalone mount; under the supervisor only while
+    /// it allows this node to serve alone.
+    alone_allowed: bool,
+    /// While resyncing: the last seq recorded before the session began.
+    resync_floor: Seq,
 }
 
 impl ReplCore {
@@ -121,6 +134,8 @@ impl ReplCore {
             inflight: VecDeque::new(),
             inflight_bytes: 0,
             degraded_reason: None,
+            alone_allowed: true,
+            resync_floor: 0,
         }
     }
 
@@ -156,6 +171,57 @@ impl ReplCore {
     pub fn degraded_reason(&self) -> Option<&str> {
         self.degraded_reason.as_deref()
     }
+    pub fn alone_allowed(&self) -> bool {
+        self.alone_allowed
+    }
+
+    /// Grants or withdraws the permission to go on without the mirror.
+    /// Withdrawn, a degraded pipeline *holds* its callers (their changes are
+    /// journaled but their calls do not return) until the permission comes
+    /// back or a resync completes: that is how a supervised primary that
+    /// lost its secondary waits for the supervisor's decision (a witness
+    /// lease, a new generation) instead of acknowledging writes that a
+    /// taking-over peer would not have.
+    pub fn set_alone_allowed(&mut self, allowed: bool) {
+        self.alone_allowed = allowed;
+    }
+
+    /// Starts a resync session from the degraded state. The mirror's new
+    /// session numbers operations from `last_seq + 1` on; everything recorded
+    /// before is covered only when [`ReplCore::end_resync`] is called. The
+    /// adapter must not record application mutations during the session
+    /// (it pauses them), only the resync's own operations and barrier.
+    pub fn begin_resync(&mut self) {
+        assert_eq!(
+            self.state,
+            LinkState::Degraded,
+            "a resync starts from the degraded state"
+        );
+        self.state = LinkState::Resyncing;
+        self.resync_floor = self.last_seq;
+        self.applied = self.last_seq;
+        self.durable = self.last_seq;
+        self.check_invariants();
+    }
+
+    /// The resync session's final barrier is durable on the mirror: from now
+    /// on the pipeline replicates, and every earlier wait is satisfied.
+    pub fn end_resync(&mut self) {
+        assert_eq!(self.state, LinkState::Resyncing, "no resync under way");
+        assert!(
+            self.durable > self.resync_floor,
+            "a resync ends only after its final barrier is durable"
+        );
+        self.state = LinkState::Replicating;
+        self.degraded_reason = None;
+        self.resync_floor = 0;
+        self.check_invariants();
+    }
+
+    /// The seq below which a resync covers everything (0 when not resyncing).
+    pub fn resync_floor(&self) -> Seq {
+        self.resync_floor
+    }
 
     /// May an operation of `bytes` be enqueued now? Degraded pipelines never
     /// wait: they journal.
@@ -181,7 +247,7 @@ impl ReplCore {
     /// must have been admitted (or be degraded).
     pub fn push(&mut self, bytes: u64, now_ms: u64) -> Seq {
         self.last_seq += 1;
-        if self.state == LinkState::Replicating {
+        if self.state != LinkState::Degraded {
             self.inflight.push_back(InFlight {
                 seq: self.last_seq,
                 bytes,
@@ -210,10 +276,17 @@ impl ReplCore {
     }
 
     /// True once the wait is over: the condition holds, or the pipeline is
-    /// degraded (the caller then relies on the journal).
+    /// degraded and allowed to go on alone (the caller then relies on the
+    /// journal).
     pub fn satisfied(&self, w: WaitFor) -> bool {
-        if self.state == LinkState::Degraded {
-            return true;
+        let seq = match w {
+            WaitFor::Nothing => return true,
+            WaitFor::Applied(s) | WaitFor::Durable(s) => s,
+        };
+        match self.state {
+            LinkState::Degraded => return self.alone_allowed,
+            LinkState::Resyncing if seq <= self.resync_floor => return self.alone_allowed,
+            LinkState::Resyncing | LinkState::Replicating => {}
         }
         match w {
             WaitFor::Nothing => true,
@@ -297,6 +370,7 @@ impl ReplCore {
         }
         self.state = LinkState::Degraded;
         self.degraded_reason = Some(reason);
+        self.resync_floor = 0;
         self.inflight.clear();
         self.inflight_bytes = 0;
         self.check_invariants();
@@ -316,7 +390,8 @@ impl ReplCore {
             self.inflight.iter().map(|f| f.bytes).sum::<u64>(),
             self.inflight_bytes
         );
-        debug_assert!(self.state == LinkState::Replicating || self.inflight.is_empty());
+        debug_assert!(self.state != LinkState::Degraded || self.inflight.is_empty());
+        debug_assert!(self.state == LinkState::Resyncing || self.resync_floor == 0);
     }
 }
 

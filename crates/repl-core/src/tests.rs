@@ -471,3 +471,91 @@ fn planner_copies_dirty_files_without_hashes() {
         "{p:?}"
     );
 }
+
+#[test]
+fn without_permission_a_degraded_pipeline_holds_its_callers() {
+    let mut c = ReplCore::new(cfg(Mode::Strict));
+    c.set_alone_allowed(false);
+    let s = c.push(1, 0);
+    assert!(c.tick(5001), "the mirror stopped answering");
+    assert_eq!(c.state(), LinkState::Degraded);
+    assert!(
+        !c.satisfied(WaitFor::Applied(s)),
+        "held: the call must not return without the mirror or a permission"
+    );
+    assert!(!c.satisfied(WaitFor::Durable(s)));
+    assert!(c.satisfied(WaitFor::Nothing));
+    assert_eq!(c.admit(1, 5002), Admit::Yes, "held changes are journaled");
+    c.set_alone_allowed(true);
+    assert!(
+        c.satisfied(WaitFor::Applied(s)),
+        "the permission releases them"
+    );
+}
+
+#[test]
+fn a_resync_covers_earlier_waits_only_when_it_ends() {
+    for allowed in [false, true] {
+        let mut c = ReplCore::new(cfg(Mode::Strict));
+        c.set_alone_allowed(allowed);
+        let before = c.push(1, 0);
+        c.degrade("link cut".into());
+        let journaled = c.push(1, 10);
+        assert_eq!(c.inflight_ops(), 0);
+        c.begin_resync();
+        assert_eq!(c.state(), LinkState::Resyncing);
+        assert_eq!(c.resync_floor(), journaled);
+        // The resync's own operations are in flight and acknowledged as usual.
+        let op = c.push(10, 20);
+        let barrier = c.push(0, 20);
+        assert_eq!(op, journaled + 1);
+        assert_eq!(c.inflight_ops(), 2);
+        // The new session acknowledges from its base: durable starts there.
+        c.on_ack(op, journaled).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.satisfied(WaitFor::Applied(op)));
+        // An early ack of the first resync op must not release the callers
+        // that recorded before the session: only the permission does.
+        for s in [before, journaled] {
+            assert_eq!(c.satisfied(WaitFor::Applied(s)), allowed, "seq {s}");
+            assert_eq!(c.satisfied(WaitFor::Durable(s)), allowed, "seq {s}");
+        }
+        assert!(!c.satisfied(WaitFor::Durable(barrier)));
+        c.on_ack(barrier, barrier).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.satisfied(WaitFor::Durable(barrier)));
+        c.end_resync();
+        assert_eq!(c.state(), LinkState::Replicating);
+        assert_eq!(c.resync_floor(), 0);
+        for s in [before, journaled, op, barrier] {
+            assert!(c.satisfied(WaitFor::Durable(s)), "seq {s} after the resync");
+        }
+        // Replication goes on in sequence.
+        assert_eq!(c.push(1, 30), barrier + 1);
+        assert_eq!(c.inflight_ops(), 1);
+    }
+}
+
+#[test]
+fn a_resync_that_loses_the_mirror_degrades_and_can_start_again() {
+    let mut c = ReplCore::new(cfg(Mode::Sync));
+    c.degrade("gone".into());
+    c.push(1, 0);
+    c.begin_resync();
+    let s = c.push(5, 10);
+    assert!(c.tick(5011), "the resync's ops time out like any other");
+    assert_eq!(c.state(), LinkState::Degraded);
+    assert_eq!(c.resync_floor(), 0);
+    assert_eq!(c.inflight_ops(), 0);
+    assert!(c.satisfied(WaitFor::Durable(s)), "allowed alone by default");
+    c.begin_resync();
+    assert_eq!(c.resync_floor(), s);
+}
+
+#[test]
+#[should_panic(expected = "final barrier")]
+fn a_resync_cannot_end_before_its_barrier_is_durable() {
+    let mut c = ReplCore::new(cfg(Mode::Sync));
+    c.degrade("gone".into());
+    c.begin_resync();
+    c.push(1, 0);
+    c.end_resync();
+}
