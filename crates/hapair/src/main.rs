@@ -1,12 +1,18 @@
-//! `hapair`: one binary for the replicated mount, its mirror, and (later)
-//! the supervisor. Exit codes: 0 success, 1 failure, 2 usage or
-//! configuration error, 3 refused in the current state.
+//! `hapair`: one binary for the supervisor, its admin commands, the
+//! witness, the replicated mount and its mirror. Exit codes: 0 success,
+//! 1 failure, 2 usage or configuration error, 3 refused in the current
+//! state.
 
+mod cli;
 mod client;
+mod config;
+mod daemon;
+mod guard;
 mod mirror_server;
 mod mount;
 mod state;
 mod sync;
+mod witness;
 
 use clap::{Parser, Subcommand};
 use hapair_proto::Mode;
@@ -25,8 +31,82 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Options every cluster command takes.
+#[derive(clap::Args, Clone)]
+struct ClusterOpts {
+    /// The cluster configuration file.
+    #[arg(short = 'c', long = "config", default_value = config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// This node's name (default: the node whose address is on this host).
+    #[arg(long)]
+    node: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run this node's supervisor (foreground).
+    Daemon {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Start this node's module (after `hapair stop`).
+    Start {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Stop this node's module (a primary hands the service over to an in-sync secondary).
+    Stop {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Make this node primary (first start, or the peer is gone).
+    Prim {
+        #[command(flatten)]
+        c: ClusterOpts,
+        /// Serve this node's data even if it is stale (newer changes elsewhere are set aside).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make this node secondary (it receives the primary's data).
+    Second {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Swap roles with the peer (planned failback): needs an in-sync pair.
+    Swap {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Both nodes' states, replication, VIP holder, witness, checks, transitions.
+    Status {
+        #[command(flatten)]
+        c: ClusterOpts,
+        /// One JSON object (see the README for its fields).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a configuration file.
+    CheckConfig {
+        #[command(flatten)]
+        c: ClusterOpts,
+    },
+    /// Run the witness (the arbitrator of the pair) on a third host.
+    Witness {
+        #[command(flatten)]
+        c: ClusterOpts,
+        /// Address to listen on (default: [witness] address of the configuration).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where the witness keeps its state (default /var/lib/hapair/<cluster>/witness).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// The fencing helper started by the daemon (internal).
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        deadline_ms: u64,
+    },
     /// Certificates for the cluster.
     Tls {
         #[command(subcommand)]
@@ -107,7 +187,7 @@ impl std::fmt::Display for UsageError {
 }
 impl std::error::Error for UsageError {}
 
-fn usage(msg: String) -> anyhow::Error {
+pub(crate) fn usage(msg: String) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg))
 }
 
@@ -145,6 +225,29 @@ fn load_tls(dir: &Path, node: &str) -> anyhow::Result<hapair_transport::TlsMater
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Daemon { c } => {
+            let (cfg, node) = cli::load(&c.config, c.node.as_deref())?;
+            daemon::run(cfg, node)
+        }
+        Cmd::Start { c } => cli::admin(&c.config, c.node.as_deref(), daemon::admin::Request::Start),
+        Cmd::Stop { c } => cli::admin(&c.config, c.node.as_deref(), daemon::admin::Request::Stop),
+        Cmd::Prim { c, force } => cli::admin(
+            &c.config,
+            c.node.as_deref(),
+            daemon::admin::Request::Prim { force },
+        ),
+        Cmd::Second { c } => {
+            cli::admin(&c.config, c.node.as_deref(), daemon::admin::Request::Second)
+        }
+        Cmd::Swap { c } => cli::admin(&c.config, c.node.as_deref(), daemon::admin::Request::Swap),
+        Cmd::Status { c, json } => cli::status(&c.config, c.node.as_deref(), json),
+        Cmd::CheckConfig { c } => cli::check_config(&c.config, c.node.as_deref()),
+        Cmd::Witness {
+            c,
+            listen,
+            state_dir,
+        } => cli::witness(&c.config, c.node.as_deref(), listen, state_dir),
+        Cmd::Guard { deadline_ms } => guard::run(deadline_ms),
         Cmd::Tls {
             cmd: TlsCmd::Init { dir, nodes, force },
         } => {
@@ -233,8 +336,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hapair: error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() {
+            if e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<config::ConfigError>().is_some()
+            {
                 ExitCode::from(2)
+            } else if let Some(r) = e.downcast_ref::<cli::Refused>() {
+                ExitCode::from(r.exit_code)
             } else {
                 ExitCode::from(1)
             }

@@ -827,6 +827,14 @@ impl Core {
         if self.role == Role::Primary {
             return Ok(format!("already {st}"));
         }
+        if let Some(h) = &self.handover {
+            // Taking the service back in the middle of a handover could
+            // make both nodes take it: let the handover finish first.
+            return Err(format!(
+                "prim refused: this node is {st} and handing the service over to {peer} ({}); wait until {peer} is primary, then use `hapair swap` to move it back",
+                h.reason
+            ));
+        }
         if let Some(h) = self.live_peer() {
             if h.state.is_primary() || h.serving {
                 return Err(format!(

@@ -372,6 +372,9 @@ fn swap_moves_the_service_and_back() {
     let gen = w.core(A).persisted().data_gen;
     let mark = w.cmds.len();
     assert!(ok(w.admin(A, AdminCmd::Swap)).contains("swapping"));
+    // Taking the service back during the handover is refused.
+    let r = refused(w.admin(A, AdminCmd::Prim { force: false }));
+    assert!(r.contains("handing the service over"), "{r}");
     w.run_for(5000);
     assert_eq!(w.state(B), Some(NodeState::Prim));
     assert_eq!(w.state(A), Some(NodeState::Second));

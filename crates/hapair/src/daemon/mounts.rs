@@ -1,0 +1,552 @@
+//! The replicated directories under the supervisor: the mounts a primary
+//! lays over them, and the mirror a secondary runs into them.
+//!
+//! The mounts are an actor: `Mount`, `Unmount`, `Resync` and `AllowAlone`
+//! are executed one after the other by one task, so a teardown never races
+//! a mount or a resync; results come back to the supervisor as events.
+//! Unlike a standalone `hapair mount`, a supervised mount never decides by
+//! itself to go on without its mirror: when the mirror is lost its callers
+//! are held until the supervisor allows it (`AllowAlone`, after it made
+//! sure the peer cannot serve) or tears the mount down (then they fail).
+
+use crate::client::ReplClient;
+use crate::mirror_server::{Accept, MirrorDirs};
+use crate::mount::{self, LinkCfg};
+use crate::state::{StateDir, Status};
+use anyhow::Context;
+use hapair_fs_replica::MountHandle;
+use hapair_repl_core::{CoreConfig, LinkState};
+use hapair_supervisor::Event;
+use hapair_transport::TlsMaterial;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+/// One replicated directory on this node.
+#[derive(Clone, Debug)]
+pub struct DirSpec {
+    /// The directory as written in the configuration (its key on the
+    /// mirror).
+    pub key: String,
+    /// This node's path of it.
+    pub local: PathBuf,
+    /// Where its mount keeps status and journal.
+    pub state: PathBuf,
+}
+
+/// How the mounts reach the peer's mirror.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub tls: TlsMaterial,
+}
+
+#[derive(Clone)]
+pub struct MountSettings {
+    pub core: CoreConfig,
+    pub threads: usize,
+    /// How long a resync keeps trying to reach the peer's mirror.
+    pub join_patience_ms: u64,
+}
+
+pub enum MountCmd {
+    Mount,
+    Unmount { flush: bool },
+    Resync { full: bool },
+    AllowAlone { gen: u64 },
+    Status(oneshot::Sender<Vec<DirStatus>>),
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DirStatus {
+    pub dir: String,
+    pub path: String,
+    pub mounted: bool,
+    pub replication: Option<crate::client::ClientStats>,
+    pub last_resync: Option<mount::JoinStats>,
+}
+
+struct ActiveDir {
+    spec: DirSpec,
+    client: ReplClient,
+    handle: Option<MountHandle>,
+    pause: Arc<Mutex<()>>,
+    backing: Arc<OwnedFd>,
+    state: StateDir,
+    /// The previous mount of this directory ended cleanly in sync.
+    clean: bool,
+}
+
+struct Active {
+    dirs: Vec<Arc<Mutex<ActiveDir>>>,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+pub fn spawn(
+    specs: Vec<DirSpec>,
+    peer: Peer,
+    settings: MountSettings,
+    events: mpsc::Sender<Event>,
+) -> mpsc::Sender<MountCmd> {
+    let (tx, mut rx) = mpsc::channel::<MountCmd>(32);
+    tokio::spawn(async move {
+        let mut active: Option<Active> = None;
+        let mut alone: Option<u64> = None;
+        let mut join: Option<tokio::task::JoinHandle<()>> = None;
+        let last_join: Arc<Mutex<Vec<Option<mount::JoinStats>>>> =
+            Arc::new(Mutex::new(vec![None; specs.len()]));
+        while let Some(cmd) = rx.recv().await {
+            match cmd {
+                MountCmd::Mount => {
+                    if active.is_some() {
+                        let _ = events.send(Event::MountReady).await;
+                        continue;
+                    }
+                    let (s, st, allowed) = (specs.clone(), settings.clone(), alone.is_some());
+                    let r = tokio::task::spawn_blocking(move || mount_all(&s, &st, allowed)).await;
+                    match r {
+                        Ok(Ok(dirs)) => {
+                            let dirs: Vec<_> =
+                                dirs.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
+                            let monitor = tokio::spawn(monitor(dirs.clone(), events.clone()));
+                            info!(
+                                "mounted {} replicated director{}",
+                                dirs.len(),
+                                if dirs.len() == 1 { "y" } else { "ies" }
+                            );
+                            let _ = events.send(Event::MountReady).await;
+                            if !allowed {
+                                // Not allowed alone: the peer is an in-sync
+                                // secondary (a swap); join it at once.
+                                join = Some(spawn_join(
+                                    dirs.clone(),
+                                    peer.clone(),
+                                    settings.clone(),
+                                    false,
+                                    events.clone(),
+                                    last_join.clone(),
+                                ));
+                            }
+                            active = Some(Active { dirs, monitor });
+                        }
+                        Ok(Err(e)) => {
+                            error!("mount failed: {e:#}");
+                            let _ = events
+                                .send(Event::MountFailed {
+                                    reason: format!("{e:#}"),
+                                })
+                                .await;
+                        }
+                        Err(e) => {
+                            let _ = events
+                                .send(Event::MountFailed {
+                                    reason: format!("mount task: {e}"),
+                                })
+                                .await;
+                        }
+                    }
+                }
+                MountCmd::Unmount { flush } => {
+                    alone = None;
+                    if let Some(a) = active.take() {
+                        if !flush {
+                            for d in &a.dirs {
+                                lock(d).client.abort();
+                            }
+                        }
+                        if let Some(j) = join.take() {
+                            // Bounded: a resync gives up when its clients are
+                            // aborted or after its own timeouts.
+                            let _ = j.await;
+                        }
+                        a.monitor.abort();
+                        let dirs = a.dirs;
+                        let _ = tokio::task::spawn_blocking(move || unmount_all(dirs, flush)).await;
+                    }
+                    let _ = events.send(Event::Unmounted).await;
+                }
+                MountCmd::Resync { full } => {
+                    let Some(a) = &active else {
+                        warn!("resync asked while not mounted: ignored");
+                        continue;
+                    };
+                    if join.as_ref().is_some_and(|j| !j.is_finished()) {
+                        info!("a resync is already under way");
+                        continue;
+                    }
+                    join = Some(spawn_join(
+                        a.dirs.clone(),
+                        peer.clone(),
+                        settings.clone(),
+                        full,
+                        events.clone(),
+                        last_join.clone(),
+                    ));
+                }
+                MountCmd::AllowAlone { gen } => {
+                    info!(
+                        gen,
+                        "allowed to serve without the secondary (generation {gen})"
+                    );
+                    alone = Some(gen);
+                    if let Some(a) = &active {
+                        for d in &a.dirs {
+                            lock(d).client.allow_alone(true);
+                        }
+                    }
+                }
+                MountCmd::Status(reply) => {
+                    let joins = lock(&last_join).clone();
+                    let v = specs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| {
+                            let d = active.as_ref().map(|a| a.dirs[i].clone());
+                            DirStatus {
+                                dir: s.key.clone(),
+                                path: s.local.display().to_string(),
+                                mounted: d.is_some(),
+                                replication: d.map(|d| lock(&d).client.stats()),
+                                last_resync: joins.get(i).cloned().flatten(),
+                            }
+                        })
+                        .collect();
+                    let _ = reply.send(v);
+                }
+            }
+        }
+    });
+    tx
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn mount_all(
+    specs: &[DirSpec],
+    st: &MountSettings,
+    allowed: bool,
+) -> anyhow::Result<Vec<ActiveDir>> {
+    let mut done: Vec<ActiveDir> = Vec::new();
+    for s in specs {
+        match mount_one(s, st, allowed) {
+            Ok(d) => done.push(d),
+            Err(e) => {
+                // All or nothing: the application needs every directory.
+                let _ = unmount_all(
+                    done.into_iter().map(|d| Arc::new(Mutex::new(d))).collect(),
+                    false,
+                );
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn mount_one(s: &DirSpec, st: &MountSettings, allowed: bool) -> anyhow::Result<ActiveDir> {
+    if hapair_fs_replica::clear_stale_mount(&s.local)? {
+        warn!(dir = %s.local.display(), "removed a stale mount left by a crashed process");
+    }
+    std::fs::create_dir_all(&s.local).with_context(|| format!("creating {}", s.local.display()))?;
+    let backing = crate::mirror_server::open_dir(&s.local)?;
+    let state = StateDir::open(&s.state)?;
+    let clean = state.take_clean_marker()?;
+    let base = Status {
+        state: "degraded".into(),
+        mode: st.core.mode.to_string(),
+        dir: s.local.display().to_string(),
+        peer: String::new(),
+        pid: std::process::id(),
+        ..Default::default()
+    };
+    let client = ReplClient::degraded(
+        st.core.clone(),
+        state.clone(),
+        base,
+        "not joined to the secondary yet".into(),
+        true,
+    )?;
+    client.allow_alone(allowed);
+    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?;
+    let pause = fs.ordering_lock();
+    let opts = hapair_fs_replica::MountOptions {
+        n_threads: st.threads,
+        fsname: format!("hapair:{}", s.local.display()),
+        ..Default::default()
+    };
+    let handle = hapair_fs_replica::mount_background(fs, &s.local, &opts)?;
+    Ok(ActiveDir {
+        spec: s.clone(),
+        client,
+        handle: Some(handle),
+        pause,
+        backing: Arc::new(backing),
+        state,
+        clean,
+    })
+}
+
+fn unmount_all(dirs: Vec<Arc<Mutex<ActiveDir>>>, flush: bool) {
+    for d in dirs {
+        let mut d = lock(&d);
+        if let Some(h) = d.handle.take() {
+            if let Err(e) = h.unmount() {
+                warn!(dir = %d.spec.local.display(), "unmount: {e:#}");
+            }
+        }
+        let clean = d.client.shutdown();
+        if clean && flush {
+            if let Err(e) = d.state.set_clean_marker() {
+                warn!("cannot write the clean marker: {e:#}");
+            }
+        }
+        info!(dir = %d.spec.local.display(), clean, "unmounted");
+    }
+}
+
+/// Reports the loss of the mirror (a replicating or resyncing pipeline that
+/// degraded) to the supervisor, once per loss.
+async fn monitor(dirs: Vec<Arc<Mutex<ActiveDir>>>, events: mpsc::Sender<Event>) {
+    let mut was: Vec<LinkState> = dirs.iter().map(|d| lock(d).client.link_state()).collect();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for (i, d) in dirs.iter().enumerate() {
+            let (now, reason) = {
+                let d = lock(d);
+                (d.client.link_state(), d.client.stats().degraded_reason)
+            };
+            if now == LinkState::Degraded && was[i] != LinkState::Degraded {
+                let reason = reason.unwrap_or_else(|| "mirror lost".into());
+                let _ = events.send(Event::ReplicationDegraded { reason }).await;
+            }
+            was[i] = now;
+        }
+    }
+}
+
+/// Joins every directory to the peer's mirror, one after the other, trying
+/// for at most `join_patience_ms` per directory to reach it.
+fn spawn_join(
+    dirs: Vec<Arc<Mutex<ActiveDir>>>,
+    peer: Peer,
+    st: MountSettings,
+    full: bool,
+    events: mpsc::Sender<Event>,
+    last: Arc<Mutex<Vec<Option<mount::JoinStats>>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for (i, d) in dirs.iter().enumerate() {
+            let (client, key, backing, state, pause, clean) = {
+                let d = lock(d);
+                (
+                    d.client.clone(),
+                    d.spec.key.clone(),
+                    d.backing.clone(),
+                    d.state.clone(),
+                    d.pause.clone(),
+                    d.clean,
+                )
+            };
+            if client.link_state() != LinkState::Degraded {
+                continue;
+            }
+            let link = LinkCfg {
+                peer: peer.addr,
+                peer_node: Some(peer.name.clone()),
+                tls: peer.tls.clone(),
+                mode: st.core.mode,
+                dir_key: key.clone(),
+                timeout_ms: st.core.timeout_ms,
+            };
+            let t0 = std::time::Instant::now();
+            let dialled = loop {
+                match mount::dial(&link).await {
+                    Ok(c) => break Ok(c),
+                    Err(e) if mount::is_refusal(&e) => break Err(e),
+                    Err(e) => {
+                        if t0.elapsed() > Duration::from_millis(st.join_patience_ms) {
+                            break Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            let c = match dialled {
+                Ok(c) => c,
+                Err(e) => {
+                    let reason = format!("cannot reach the secondary's mirror for {key}: {e:#}");
+                    warn!("{reason}");
+                    let _ = events.send(Event::ReplicationDegraded { reason }).await;
+                    return;
+                }
+            };
+            let rt = tokio::runtime::Handle::current();
+            let r = tokio::task::spawn_blocking(move || {
+                mount::join_mirror(
+                    &rt,
+                    &client,
+                    c,
+                    &link,
+                    backing.as_fd(),
+                    &state,
+                    full || !clean,
+                    Some(&pause),
+                )
+            })
+            .await;
+            match r {
+                Ok(Ok(stats)) => {
+                    info!(dir = key, ?stats, "secondary caught up");
+                    if let Some(slot) = lock(&last).get_mut(i) {
+                        *slot = Some(stats);
+                    }
+                }
+                Ok(Err(e)) => {
+                    let reason = format!("resync of {key} failed: {e:#}");
+                    warn!("{reason}");
+                    let _ = events.send(Event::ReplicationDegraded { reason }).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = events
+                        .send(Event::ReplicationDegraded {
+                            reason: format!("resync task: {e}"),
+                        })
+                        .await;
+                    return;
+                }
+            }
+        }
+        let _ = events.send(Event::ResyncDone).await;
+    })
+}
+
+// ----- the mirror -------------------------------------------------------
+
+/// The secondary's side: a replication server applying into this node's
+/// directories, for the peer only.
+pub struct Mirror {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Mirror {
+    pub fn idle() -> Mirror {
+        Mirror {
+            stop: None,
+            task: None,
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Starts applying into `specs`' directories. `keep_aside`: this node's
+    /// data diverged from the primary's; it is moved aside first.
+    pub fn start(
+        &mut self,
+        specs: &[DirSpec],
+        listen: SocketAddr,
+        tls: TlsMaterial,
+        peer: String,
+        keep_aside: bool,
+    ) {
+        if self.running() {
+            return;
+        }
+        let mut dirs = MirrorDirs::new();
+        for s in specs {
+            if let Err(e) = prepare_mirror_dir(&s.local, keep_aside) {
+                error!(dir = %s.local.display(), "cannot prepare the directory for the mirror: {e:#}; the mirror does not start");
+                return;
+            }
+            dirs.insert(s.key.clone(), s.local.clone());
+        }
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                match hapair_transport::server_endpoint(
+                    listen,
+                    &tls,
+                    hapair_proto::ALPN_REPLICATION,
+                ) {
+                    Ok(ep) => {
+                        info!(%listen, "mirror receiving from {peer}");
+                        let stop = async {
+                            let _ = (&mut stop_rx).await;
+                        };
+                        crate::mirror_server::serve_until(ep, dirs, Accept::Node(peer), stop).await;
+                        info!("mirror stopped");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(%listen, "mirror cannot listen: {e:#}; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = &mut stop_rx => return,
+                        }
+                    }
+                }
+            }
+        });
+        self.stop = Some(stop_tx);
+        self.task = Some(task);
+    }
+
+    /// Stops, and returns once nothing writes into the directories.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Makes `dir` usable by the mirror: no dead mount left over it; with
+/// `keep_aside`, its content moved into a sibling directory named
+/// `<dir>.kept-aside-<unix time>` (never deleted by hapair).
+fn prepare_mirror_dir(dir: &Path, keep_aside: bool) -> anyhow::Result<()> {
+    if hapair_fs_replica::clear_stale_mount(dir)? {
+        warn!(dir = %dir.display(), "removed a stale mount left by a crashed process");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !keep_aside {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let aside = dir.with_file_name(format!("{name}.kept-aside-{secs}"));
+    std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    let mut moved = 0u64;
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        std::fs::rename(e.path(), aside.join(e.file_name())).with_context(|| {
+            format!(
+                "moving {} aside into {} (it must be on the same filesystem)",
+                e.path().display(),
+                aside.display()
+            )
+        })?;
+        moved += 1;
+    }
+    std::fs::File::open(&aside).and_then(|f| f.sync_all()).ok();
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).ok();
+    warn!(dir = %dir.display(), aside = %aside.display(), entries = moved, "diverged data kept aside (split brain): compare it with the primary's and merge by hand");
+    Ok(())
+}
