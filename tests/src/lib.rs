@@ -6,6 +6,7 @@
 //! Everything here is test code: a failure panics with a message that says
 //! what was being done, so the test that called it fails loudly.
 
+pub mod cluster;
 pub mod env;
 pub mod fuse;
 pub mod harness;

@@ -223,6 +223,19 @@ impl ReplClient {
         self.sh.cond.notify_all();
     }
 
+    /// Ends the current session with the mirror, if any (everything not yet
+    /// applied goes to the journal), so that the next resync starts a new
+    /// one. The supervisor asks for a resync when the peer's mirror (re)started:
+    /// whatever an older session believes, the mirror may hold less.
+    pub fn end_session(&self, reason: &str) {
+        let mut g = self.lock();
+        if g.core.state() != LinkState::Degraded {
+            self.go_degraded(&mut g, reason);
+        }
+        drop(g);
+        self.write_status();
+    }
+
     pub fn stats(&self) -> ClientStats {
         let g = self.lock();
         ClientStats {

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod daemon;
+mod demo_app;
 mod guard;
 mod mirror_server;
 mod mount;
@@ -100,6 +101,14 @@ enum Cmd {
         /// Where the witness keeps its state (default /var/lib/hapair/<cluster>/witness).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+    /// The demo's application: appends records sent over TCP to DIR/records.log, fsynced (internal).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        listen: SocketAddr,
     },
     /// The fencing helper started by the daemon (internal).
     #[command(hide = true)]
@@ -248,6 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
         } => cli::witness(&c.config, c.node.as_deref(), listen, state_dir),
         Cmd::Guard { deadline_ms } => guard::run(deadline_ms),
+        Cmd::DemoApp { dir, listen } => demo_app::run(dir, listen),
         Cmd::Tls {
             cmd: TlsCmd::Init { dir, nodes, force },
         } => {

@@ -15,8 +15,12 @@ pub struct Guard {
 impl Guard {
     /// Starts the guard. It fences if it hears nothing for `deadline_ms`.
     pub fn start(deadline_ms: u64) -> anyhow::Result<Guard> {
+        use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
+        // Its own process group: a kill of the daemon's group (a crash
+        // reaper, a test) must leave the guard alive to fence.
         let mut child = Command::new(exe)
+            .process_group(0)
             .arg("guard")
             .arg("--deadline-ms")
             .arg(deadline_ms.to_string())

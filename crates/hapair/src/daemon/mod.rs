@@ -59,6 +59,8 @@ struct Daemon {
     started: Instant,
     started_wall: SystemTime,
     hb_links: Vec<Link>,
+    /// Connections the peer opened to our heartbeat servers.
+    peer_conns: Vec<quinn::Connection>,
     witness: Option<Link>,
     mounts: mpsc::Sender<MountCmd>,
     mirror: mounts::Mirror,
@@ -188,6 +190,10 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
             hb_tx.clone(),
         ));
     }
+    // Short connection attempts, retried every interval: heartbeats must
+    // flow soon after the peer starts listening, well within its timeout.
+    let connect_ms = (3 * cfg.hb_interval_ms).clamp(300, cfg.hb_timeout_ms);
+    let (hb_link_tx, mut hb_link_rx) = mpsc::channel::<LinkEvent>(256);
     let hb_links: Vec<Link> = peer
         .heartbeat
         .iter()
@@ -199,9 +205,9 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
                 tls.clone(),
                 wire::ALPN_HEARTBEAT,
                 tuning.clone(),
-                cfg.hb_interval_ms.max(100),
-                cfg.hb_timeout_ms,
-                None,
+                cfg.hb_interval_ms,
+                connect_ms,
+                Some(hb_link_tx.clone()),
             )
         })
         .collect();
@@ -214,8 +220,8 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
             tls.clone(),
             wire::ALPN_WITNESS,
             link::tuning(cfg.hb_interval_ms, cfg.hb_timeout_ms),
-            cfg.hb_interval_ms.max(100),
-            cfg.hb_timeout_ms,
+            cfg.hb_interval_ms,
+            connect_ms,
             Some(wit_tx),
         )
     });
@@ -297,6 +303,7 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
         started: Instant::now(),
         started_wall: SystemTime::now(),
         hb_links,
+        peer_conns: Vec::new(),
         witness,
         mounts,
         mirror: mounts::Mirror::idle(),
@@ -328,9 +335,21 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
             }
             r = hb_rx.recv() => {
                 let Some(r) = r else { break };
-                match d.peer_message(r) {
+                d.note_peer_connection(&r.conn);
+                match d.peer_message(&r.from, &r.data) {
                     Some(ev) => d.core.handle(d.now_ms(), ev),
                     None => Vec::new(),
+                }
+            }
+            l = hb_link_rx.recv() => {
+                // The peer's heartbeats sent back over our own connection.
+                let from = d.peer.clone();
+                match l {
+                    Some(LinkEvent::Datagram(b)) => match d.peer_message(&from, &b) {
+                        Some(ev) => d.core.handle(d.now_ms(), ev),
+                        None => Vec::new(),
+                    },
+                    _ => Vec::new(),
                 }
             }
             w = wit_rx.recv(), if d.witness.is_some() => {
@@ -365,12 +384,13 @@ impl Daemon {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn peer_message(&mut self, r: Received) -> Option<Event> {
-        match wire::decode::<PeerMsg>(&r.data) {
+    /// `cert`: the authenticated name of the sender.
+    fn peer_message(&mut self, cert: &str, data: &[u8]) -> Option<Event> {
+        match wire::decode::<PeerMsg>(data) {
             Ok(PeerMsg::Heartbeat(hb)) => {
-                if hb.from != r.from {
+                if hb.from != cert {
                     warn!(
-                        cert = r.from,
+                        cert,
                         claimed = hb.from,
                         "heartbeat naming another node than its certificate: dropped"
                     );
@@ -379,9 +399,9 @@ impl Daemon {
                 Some(Event::Heartbeat(hb))
             }
             Ok(PeerMsg::Stopping { from }) => {
-                if from != r.from {
+                if from != cert {
                     warn!(
-                        cert = r.from,
+                        cert,
                         claimed = from,
                         "stop notice naming another node: dropped"
                     );
@@ -390,9 +410,33 @@ impl Daemon {
                 Some(Event::PeerSaysStop { from })
             }
             Err(e) => {
-                warn!(from = r.from, "malformed heartbeat dropped: {e}");
+                warn!(cert, "malformed heartbeat dropped: {e}");
                 None
             }
+        }
+    }
+
+    /// Remembers a connection the peer opened to us, to send our own
+    /// heartbeats back on it: one working direction is enough for both
+    /// nodes to hear each other. Bounded: closed ones are dropped.
+    fn note_peer_connection(&mut self, c: &quinn::Connection) {
+        self.peer_conns.retain(|x| x.close_reason().is_none());
+        if !self
+            .peer_conns
+            .iter()
+            .any(|x| x.stable_id() == c.stable_id())
+            && self.peer_conns.len() < 16
+        {
+            self.peer_conns.push(c.clone());
+        }
+    }
+
+    fn send_to_peer(&self, b: bytes::Bytes) {
+        for l in &self.hb_links {
+            l.send(b.clone());
+        }
+        for c in &self.peer_conns {
+            let _ = c.send_datagram(b.clone());
         }
     }
 
@@ -496,9 +540,7 @@ impl Daemon {
         if let Some(b) = wire::encode(&PeerMsg::Stopping {
             from: self.me.clone(),
         }) {
-            for l in &self.hb_links {
-                l.send(b.clone());
-            }
+            self.send_to_peer(b);
         }
         // Give the notice a moment to leave.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -524,9 +566,7 @@ impl Daemon {
             match c {
                 Cmd::SendHeartbeat(hb) => {
                     if let Some(b) = wire::encode(&PeerMsg::Heartbeat(hb)) {
-                        for l in &self.hb_links {
-                            l.send(b.clone());
-                        }
+                        self.send_to_peer(b);
                     }
                 }
                 Cmd::RequestWitness(r) => {

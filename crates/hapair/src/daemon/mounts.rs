@@ -354,9 +354,10 @@ fn spawn_join(
                     d.clean,
                 )
             };
-            if client.link_state() != LinkState::Degraded {
-                continue;
-            }
+            // A resync always joins in a new session: an older one may
+            // still look alive (a partition hid the mirror's restart) while
+            // the mirror holds less than it acknowledged to the old session.
+            client.end_session("a resync of the secondary starts a new session");
             let link = LinkCfg {
                 peer: peer.addr,
                 peer_node: Some(peer.name.clone()),
