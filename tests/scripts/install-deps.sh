@@ -9,6 +9,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
+# --runtime: only what hapair itself (and its demo) needs at run time.
+RUNTIME_ONLY=0
+[ "${1:-}" = "--runtime" ] && RUNTIME_ONLY=1
+
 # Debian package -> a binary that proves it is installed.
 declare -A APT_BIN=(
     [fuse3]=fusermount3
@@ -21,7 +25,13 @@ declare -A APT_BIN=(
     [psmisc]=killall
     [procps]=pkill
     [bindfs]=bindfs
+    [util-linux]=nsenter
 )
+
+if [ "$RUNTIME_ONLY" = 1 ]; then
+    unset APT_BIN
+    declare -A APT_BIN=([fuse3]=fusermount3 [iproute2]=ip [util-linux]=nsenter [procps]=sysctl)
+fi
 
 missing=()
 for pkg in "${!APT_BIN[@]}"; do
@@ -37,6 +47,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
     echo "install-deps.sh: Debian packages already present"
+fi
+
+if [ "$RUNTIME_ONLY" = 1 ]; then
+    [ -c /dev/fuse ] || { echo "install-deps.sh: /dev/fuse is missing" >&2; exit 1; }
+    echo "install-deps.sh: runtime dependencies present"
+    exit 0
 fi
 
 # Rust rewrites of the POSIX conformance suite and the file system exerciser,

@@ -547,3 +547,42 @@ fn hosts_without_the_cluster_keys_change_nothing() {
         "n2 logs the refused connections"
     );
 }
+
+/// The README's main command: the demo runs to its end (failover after
+/// kill -9, resync, swap back, no acknowledged record lost) and removes
+/// what it created.
+#[test]
+fn the_demo_runs_to_completion_and_cleans_up() {
+    let _s = env::serial();
+    env::require_root_and_fuse();
+    let mut cmd = std::process::Command::new(env::hapair_bin());
+    cmd.arg("demo");
+    let logs = hapair_tests::TestDir::new("demo");
+    let (st, p) =
+        hapair_tests::proc::run_bounded("demo", &mut cmd, logs.path(), Duration::from_secs(240));
+    let out = p.stdout();
+    assert!(
+        st.success(),
+        "hapair demo failed:\n{}\n{}",
+        hapair_tests::proc::tail(&out, 40),
+        p.stderr_tail(20)
+    );
+    assert!(out.contains("demo finished"), "{out}");
+    assert!(
+        out.contains("all") && out.contains("acknowledged records present"),
+        "{out}"
+    );
+    let ns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !String::from_utf8_lossy(&ns.stdout).contains("hpd-"),
+        "the demo left namespaces behind"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    assert!(
+        !mounts.contains("/tmp/hapair-demo-"),
+        "the demo left mounts behind"
+    );
+}

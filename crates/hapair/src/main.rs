@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod config;
 mod daemon;
+mod demo;
 mod demo_app;
 mod guard;
 mod mirror_server;
@@ -101,6 +102,12 @@ enum Cmd {
         /// Where the witness keeps its state (default /var/lib/hapair/<cluster>/witness).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+    /// A local two-node cluster in network namespaces: replication, failover after kill -9, resync, swap.
+    Demo {
+        /// Keep the work directory (logs) at the end.
+        #[arg(long)]
+        keep: bool,
     },
     /// The demo's application: appends records sent over TCP to DIR/records.log, fsynced (internal).
     #[command(hide = true)]
@@ -258,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => cli::witness(&c.config, c.node.as_deref(), listen, state_dir),
         Cmd::Guard { deadline_ms } => guard::run(deadline_ms),
         Cmd::DemoApp { dir, listen } => demo_app::run(dir, listen),
+        Cmd::Demo { keep } => demo::run(keep),
         Cmd::Tls {
             cmd: TlsCmd::Init { dir, nodes, force },
         } => {
