@@ -6,7 +6,8 @@
 //! have it.
 //!
 //! Protocol, one line each way: `PUT <n> <text>` → `OK <n>`; `COUNT` →
-//! `<records in the log>`; anything else → `ERR <why>`.
+//! `<records in the log>`; `WHO` → the node it runs on (`$HAPAIR_NODE`);
+//! anything else → `ERR <why>`.
 
 use anyhow::Context;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -117,6 +118,8 @@ fn serve(conn: TcpStream, log: &Mutex<std::fs::File>, path: &Path) -> std::io::R
                 }
                 None => "ERR usage: PUT <n> <text>\n".to_string(),
             }
+        } else if req == "WHO" {
+            format!("{}\n", std::env::var("HAPAIR_NODE").unwrap_or_else(|_| "?".into()))
         } else if req == "COUNT" {
             let c = std::fs::read_to_string(path)
                 .map(|s| s.lines().filter(|l| parse_record(l).is_some()).count())
