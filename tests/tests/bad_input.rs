@@ -387,7 +387,8 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
     let secret_via_dotdot = vec![c(".."), c("outside"), c("secret")];
 
     // (what, template with the marker path, payload, raw components).
-    let malformed: Vec<(&str, Op, Vec<u8>, Vec<Vec<u8>>)> = vec![
+    type Case<'a> = (&'a str, Op, Vec<u8>, Vec<Vec<u8>>);
+    let malformed: Vec<Case> = vec![
         (
             "create ../escaped",
             create_op(m.clone()),

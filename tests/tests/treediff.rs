@@ -234,13 +234,14 @@ fn sparse_files_beyond_4_gib_are_compared_exactly() {
     assert!(r.diffs.is_empty(), "{:#?}", r.diffs);
     eprintln!("two 6 GiB sparse files compared in {:?}", started.elapsed());
 
-    let cases: Vec<(&str, Vec<(u64, &[u8])>)> = vec![
+    type Edits<'a> = Vec<(u64, &'a [u8])>;
+    let cases: Vec<(&str, Edits)> = vec![
         ("in a data region past 4 GiB", vec![((4 << 30) + 3, b"X")]),
         ("where A has a hole", vec![(5 << 30, b"data")]),
         ("in the last bytes", vec![(size - 1, b"T")]),
     ];
     for (what, edits) in cases {
-        let b = t.mkdir(&format!("b-{}", what.replace(' ', "-")));
+        let b = t.mkdir(format!("b-{}", what.replace(' ', "-")));
         make(&b, &edits);
         let r = tree_diff_with(&a, &b, &DiffOptions::default());
         let want = format!("content differs at byte {}", edits[0].0);
