@@ -10,6 +10,7 @@
 //! not return (it cannot have been acknowledged), and once it returns the
 //! mirror holds what it covered. Nothing here asserts a duration.
 
+use hapair_tests::proc::Stopped;
 use hapair_tests::treediff::DiffOptions;
 use hapair_tests::{env, workload, Harness, MountOpts};
 use std::ffi::{CString, OsStr, OsString};
@@ -557,44 +558,6 @@ fn append_direct_sync_flags_and_mmap() {
     assert_eq!(read_file(&m.join("osync")).len(), 20 * 3000);
 }
 
-/// The mirror process, stopped with SIGSTOP until the guard drops.
-struct Stopped {
-    pid: i32,
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // pid (comm) state ...: comm may hold spaces, so split after ')'.
-    s.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-impl Stopped {
-    fn new(pid: u32) -> Stopped {
-        let pid = pid as i32;
-        // SAFETY: signalling the mirror process this test spawned.
-        assert_eq!(
-            unsafe { libc::kill(pid, libc::SIGSTOP) },
-            0,
-            "SIGSTOP: {}",
-            last_err()
-        );
-        let s = Stopped { pid };
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while proc_state(pid) != Some('T') {
-            assert!(std::time::Instant::now() < end, "the mirror did not stop");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        s
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        // SAFETY: signalling the mirror process this test spawned.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
-    }
-}
-
 /// Runs `call` on a thread while the mirror is stopped: it must still be
 /// blocked when we look (it cannot have been acknowledged), and once the
 /// mirror runs again it must return, after which `on_mirror` must hold.
@@ -604,7 +567,7 @@ fn waits_for_the_mirror(
     call: impl FnOnce() -> std::io::Result<()> + Send + 'static,
     on_mirror: impl Fn() -> Result<(), String>,
 ) {
-    let stopped = Stopped::new(h.mirror().pid());
+    let stopped = Stopped::new(h.mirror());
     let (tx, rx) = mpsc::channel();
     let t = std::thread::spawn(move || {
         let r = call();

@@ -278,10 +278,20 @@ impl ReplClient {
     /// durable (sync and strict modes). When degraded, the journal itself
     /// is made durable instead.
     pub fn durability_point(&self) -> Result<(), i32> {
+        self.barrier(false)
+    }
+
+    /// A barrier, then (when the mode asks for it, or `always_wait`) the
+    /// wait until the mirror made it durable.
+    fn barrier(&self, always_wait: bool) -> Result<(), i32> {
         let degraded = self.is_degraded();
         if !degraded {
             let seq = self.record_op(Op::Barrier, &[]);
-            let w = self.lock().core.wait_for_durability(seq);
+            let w = if always_wait {
+                WaitFor::Durable(seq)
+            } else {
+                self.lock().core.wait_for_durability(seq)
+            };
             self.wait(w);
         }
         let g = self.lock();
@@ -297,7 +307,10 @@ impl ReplClient {
     /// Final barrier at unmount. Returns true if the mirror holds everything
     /// durably (a clean shutdown).
     pub fn shutdown(&self) -> bool {
-        let _ = self.durability_point();
+        // In every mode, async included: writes stop here, and the mirror
+        // must catch up before the process exits (the wait is bounded by
+        // the timeout, after which the journal keeps what it lacks).
+        let _ = self.barrier(true);
         let mut g = self.lock();
         let clean =
             g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
