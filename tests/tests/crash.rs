@@ -13,6 +13,7 @@
 
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_tests::env::{self, Rng};
+use hapair_tests::proc::Stopped;
 use hapair_tests::records::{self, check_records, read_ack_log};
 use hapair_tests::treediff::DiffOptions;
 use hapair_tests::{Harness, MountOpts, Proc};
@@ -122,9 +123,16 @@ fn crash_trials(mode: &str, ack_mode: &str, layout: Layout, trials: u64, must_ho
         h.kill_mount();
         let ws = w.wait_or_kill(Duration::from_secs(30));
         let acked = read_ack_log(&ack_log).unwrap_or_else(|e| panic!("{e}"));
+        // The mirror may still be applying what it received before the
+        // kill (async mode lags by design): freeze it, so that the listing
+        // and the reads see one state of its tree, not a tree renamed
+        // under the reader (readdir can miss an entry renamed during it).
+        let frozen = Stopped::new(h.mirror());
         let files = mirror_files(&h, layout);
         let want = if must_hold_acks { acked } else { 0 };
-        match check_records(&files, seed, want) {
+        let checked = check_records(&files, seed, want);
+        drop(frozen);
+        match checked {
             Ok(r) => eprintln!(
                 "trial {t} (seed {seed}): killed after {delay} ms; acked {acked} ({before} before the kill); mirror holds 1..={} in {} files ({} torn); writer {ws:?}",
                 r.present, r.files, r.torn_files
