@@ -1,7 +1,8 @@
 //! Support for hapair's end-to-end tests: guards that clean up even when a
 //! test panics (processes, FUSE mounts, network namespaces, temporary
 //! directories), an independent tree comparator, the record format of the
-//! crash-test writer, and a harness that runs the real `hapair` binary.
+//! crash-test writer, a harness that runs the real `hapair` binary, and a
+//! hostile protocol client for bad-input tests.
 //!
 //! Everything here is test code: a failure panics with a message that says
 //! what was being done, so the test that called it fails loudly.
@@ -10,6 +11,7 @@ pub mod cluster;
 pub mod env;
 pub mod fuse;
 pub mod harness;
+pub mod hostile;
 pub mod netns;
 pub mod proc;
 pub mod records;

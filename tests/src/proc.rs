@@ -163,6 +163,51 @@ impl Proc {
     }
 }
 
+/// A process stopped with SIGSTOP until the guard drops (SIGCONT), so a
+/// failing test never leaves it frozen. Used to show that a call waits for
+/// the mirror: while the mirror is stopped it cannot acknowledge anything.
+pub struct Stopped {
+    pid: libc::pid_t,
+}
+
+fn proc_state(pid: libc::pid_t) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ...": comm may hold spaces, so split after ')'.
+    s.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+impl Stopped {
+    /// Stops `p` and waits until the kernel reports it stopped.
+    pub fn new(p: &mut Proc) -> Stopped {
+        assert!(p.is_running(), "{} is not running", p.name());
+        let pid = p.pid() as libc::pid_t;
+        // SAFETY: a PID we spawned and have not reaped (checked above).
+        let r = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(
+            r,
+            0,
+            "SIGSTOP {}: {}",
+            p.name(),
+            std::io::Error::last_os_error()
+        );
+        let s = Stopped { pid };
+        let end = Instant::now() + Duration::from_secs(10);
+        while proc_state(pid) != Some('T') {
+            assert!(Instant::now() < end, "{} did not stop", p.name());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        s
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: the PID is ours; the Proc guard reaps it only after
+        // killing it, and a SIGCONT to a stopped or dead child is harmless.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
 /// The last `lines` lines of `s`.
 pub fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();

@@ -1,10 +1,15 @@
 //! Bad input gets a clear error and changes nothing: a mount with another
 //! cluster's certificates is refused, garbage datagrams do not crash the
-//! mirror, and command-line errors exit 2 naming the flag.
+//! mirror, hostile operations from a client with a valid certificate are
+//! refused, logged and never applied, and command-line errors exit 2 naming
+//! the flag.
 
+use hapair_proto::{Op, RelPath, TimeSet, Timestamp, ToMirror};
+use hapair_tests::hostile::{self, HostileClient};
 use hapair_tests::proc::describe;
 use hapair_tests::treediff::{tree_diff_with, DiffOptions};
 use hapair_tests::{env, mount_fstype, workload, Harness, MountOpts};
+use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -287,5 +292,451 @@ fn flag_errors_exit_2_naming_the_flag() {
         mount_fstype(&dir),
         None,
         "a failed command left a mount at {d}"
+    );
+}
+
+fn names_in(dir: &std::path::Path) -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+                .file_name()
+        })
+        .collect()
+}
+
+fn c(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+fn rel(s: &str) -> RelPath {
+    RelPath::parse(s.as_bytes()).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+fn ts() -> Timestamp {
+    Timestamp {
+        sec: 1_600_000_000,
+        nsec: 0,
+    }
+}
+
+fn create_op(path: RelPath) -> Op {
+    Op::Create {
+        path,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: ts(),
+        parent_mtime: None,
+    }
+}
+
+fn symlink_to(path: RelPath, target: &[u8]) -> Op {
+    Op::Symlink {
+        path,
+        target: target.to_vec(),
+        uid: 0,
+        gid: 0,
+        mtime: ts(),
+        parent_mtime: None,
+    }
+}
+
+fn chmod_op(path: RelPath, mode: u32) -> Op {
+    Op::SetAttr {
+        path,
+        mode: Some(mode),
+        uid: None,
+        gid: None,
+        size: None,
+        atime: TimeSet::Omit,
+        mtime: TimeSet::Omit,
+    }
+}
+
+/// A client holding a *valid* cluster certificate (node n1's) connects to
+/// the real mirror, does the real handshake, and sends operations that name
+/// `../x`, absolute paths, NUL or empty components (hand-encoded: a
+/// `RelPath` cannot hold them), then operations with valid paths that go
+/// through a symlink it planted to the outside or to `/`, and an
+/// out-of-order sequence number. Each is refused and logged, ends its
+/// session, and is never applied (nor is anything sent after it); nothing
+/// outside MIRROR changes; the mirror keeps running and then serves a
+/// legitimate mount to an identical tree.
+#[test]
+fn hostile_operations_are_refused_logged_and_never_applied() {
+    let _s = env::serial();
+    let mut h = Harness::new("hostile-ops");
+    // A sentinel tree next to MIRROR, and a pristine copy to compare with.
+    let outside = h.tmp().mkdir("outside");
+    std::fs::create_dir(outside.join("dir")).expect("mkdir");
+    std::fs::write(outside.join("secret"), b"top secret").expect("write");
+    std::fs::write(outside.join("dir/inner"), b"inner").expect("write");
+    workload::set_xattr(&outside.join("secret"), "user.keep", b"kept");
+    let outside_before = h.tmp().join("outside-before");
+    cp_a(&outside, &outside_before);
+    let tag = env::unique_tag();
+    let abs1 = format!("/tmp/hapair-hostile-abs1-{tag}");
+    let abs2 = format!("/tmp/hapair-hostile-abs2-{tag}");
+    let abs3 = format!("hapair-hostile-abs3-{tag}");
+    h.start_mirror();
+    let tmp_names = names_in(h.tmp().path());
+    let peer = h.peer.unwrap_or_else(|| panic!("no peer"));
+    let tls = h.tls.clone();
+    let m = hostile::marker_path();
+    let secret_via_dotdot = vec![c(".."), c("outside"), c("secret")];
+
+    // (what, template with the marker path, payload, raw components).
+    type Case<'a> = (&'a str, Op, Vec<u8>, Vec<Vec<u8>>);
+    let malformed: Vec<Case> = vec![
+        (
+            "create ../escaped",
+            create_op(m.clone()),
+            vec![],
+            vec![c(".."), c("escaped")],
+        ),
+        (
+            "write ../outside/secret",
+            Op::Write {
+                path: m.clone(),
+                offset: 0,
+                mtime: ts(),
+            },
+            b"PWNED".to_vec(),
+            secret_via_dotdot.clone(),
+        ),
+        (
+            "create an absolute path",
+            create_op(m.clone()),
+            vec![],
+            abs1.split('/').map(c).collect(),
+        ),
+        (
+            "create an absolute path in one component",
+            create_op(m.clone()),
+            vec![],
+            vec![c(&abs2)],
+        ),
+        (
+            "rename ../outside/secret into the mirror",
+            Op::Rename {
+                from: m.clone(),
+                to: rel("stolen-by-rename"),
+                flags: 0,
+                from_parent_mtime: None,
+                to_parent_mtime: None,
+            },
+            vec![],
+            secret_via_dotdot.clone(),
+        ),
+        (
+            "hard-link ../outside/secret into the mirror",
+            Op::Link {
+                existing: m.clone(),
+                new: rel("stolen-by-link"),
+                parent_mtime: None,
+            },
+            vec![],
+            secret_via_dotdot.clone(),
+        ),
+        (
+            "chmod ../outside/secret",
+            chmod_op(m.clone(), 0o777),
+            vec![],
+            secret_via_dotdot.clone(),
+        ),
+        (
+            "setxattr on ../outside/secret",
+            Op::SetXattr {
+                path: m.clone(),
+                name: c("user.pwned"),
+                value: c("1"),
+                flags: 0,
+            },
+            vec![],
+            secret_via_dotdot.clone(),
+        ),
+        (
+            "symlink with a NUL in its name",
+            symlink_to(m.clone(), b"/etc"),
+            vec![],
+            vec![c("evil\0name")],
+        ),
+        (
+            "mkdir with an empty component",
+            Op::Mkdir {
+                path: m.clone(),
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: ts(),
+                parent_mtime: None,
+            },
+            vec![],
+            vec![c("a"), Vec::new()],
+        ),
+        ("create .", create_op(m.clone()), vec![], vec![c(".")]),
+    ];
+    let mut expected_on_mirror = std::collections::BTreeSet::new();
+    for (i, (what, template, payload, comps)) in malformed.iter().enumerate() {
+        let mut cl = HostileClient::connect(peer, &tls, "n1")
+            .unwrap_or_else(|e| panic!("{what}: a valid client cannot connect: {e}"));
+        // One legitimate op before and one after the hostile one, all in one
+        // write: the one before is applied, nothing from the hostile one on.
+        let before = format!("before-{i}");
+        let mut bytes = hostile::frame(
+            &ToMirror::Op {
+                seq: 1,
+                op: create_op(rel(&before)),
+            },
+            &[],
+        );
+        bytes.extend(hostile::spliced_frame(
+            &ToMirror::Op {
+                seq: 2,
+                op: template.clone(),
+            },
+            payload,
+            comps,
+        ));
+        bytes.extend(hostile::frame(
+            &ToMirror::Op {
+                seq: 3,
+                op: create_op(rel(&format!("after-{i}"))),
+            },
+            &[],
+        ));
+        cl.send_raw(&bytes)
+            .unwrap_or_else(|e| panic!("{what}: sending: {e}"));
+        let end = cl.read_until_end(Duration::from_secs(20));
+        eprintln!("{what}: session ended ({}), {:?}", end.end, end.messages);
+        assert!(
+            !end.end.starts_with("timeout"),
+            "{what}: the mirror did not end the session: {end:?}"
+        );
+        // The op before was applied and acknowledged (the mirror delivers
+        // its last ack before it closes), nothing after it.
+        assert!(
+            end.applied() == 1 && end.failed().is_none(),
+            "{what}: want the op before acknowledged and nothing else: {end:?}"
+        );
+        expected_on_mirror.insert(std::ffi::OsString::from(before));
+        assert!(
+            h.mirror().is_running(),
+            "{what}: the mirror died:\n{}",
+            h.mirror().stderr_tail(30)
+        );
+    }
+
+    // Valid paths through planted symlinks: the applier refuses them.
+    let outside_b = outside.as_os_str().as_bytes().to_vec();
+    let mut cl = HostileClient::connect(peer, &tls, "n1").unwrap_or_else(|e| panic!("{e}"));
+    cl.send_op(1, symlink_to(rel("evil"), &outside_b), &[])
+        .and_then(|_| cl.send_op(2, symlink_to(rel("rootlink"), b"/"), &[]))
+        .unwrap_or_else(|e| panic!("planting symlinks: {e}"));
+    let end = cl.wait_applied(2, Duration::from_secs(20));
+    assert_eq!(end.end, "applied", "planting symlinks: {end:?}");
+    drop(cl);
+    expected_on_mirror.insert("evil".into());
+    expected_on_mirror.insert("rootlink".into());
+    let mut via_root = vec![c("rootlink")];
+    via_root.extend(outside.components().filter_map(|p| match p {
+        std::path::Component::Normal(n) => Some(n.as_bytes().to_vec()),
+        _ => None,
+    }));
+    via_root.push(c("secret"));
+    let via_root = RelPath::from_components(via_root).unwrap_or_else(|e| panic!("{e}"));
+    let through: Vec<(&str, Op, Vec<u8>)> = vec![
+        (
+            "write evil/secret",
+            Op::Write {
+                path: rel("evil/secret"),
+                offset: 0,
+                mtime: ts(),
+            },
+            b"PWNED".to_vec(),
+        ),
+        (
+            "write rootlink/<outside>/secret",
+            Op::Write {
+                path: via_root.clone(),
+                offset: 0,
+                mtime: ts(),
+            },
+            b"PWNED".to_vec(),
+        ),
+        (
+            "create evil/planted",
+            create_op(rel("evil/planted")),
+            vec![],
+        ),
+        (
+            "create rootlink/tmp/<new>",
+            create_op(rel(&format!("rootlink/tmp/{abs3}"))),
+            vec![],
+        ),
+        (
+            "hard-link evil/secret into the mirror",
+            Op::Link {
+                existing: rel("evil/secret"),
+                new: rel("stolen-hard"),
+                parent_mtime: None,
+            },
+            vec![],
+        ),
+        (
+            "rename evil/secret into the mirror",
+            Op::Rename {
+                from: rel("evil/secret"),
+                to: rel("stolen-renamed"),
+                flags: 0,
+                from_parent_mtime: None,
+                to_parent_mtime: None,
+            },
+            vec![],
+        ),
+        (
+            "chmod evil/secret",
+            chmod_op(rel("evil/secret"), 0o777),
+            vec![],
+        ),
+        (
+            "chmod rootlink/<outside>/secret",
+            chmod_op(via_root.clone(), 0o777),
+            vec![],
+        ),
+        (
+            "setxattr evil/secret",
+            Op::SetXattr {
+                path: rel("evil/secret"),
+                name: c("user.pwned"),
+                value: c("1"),
+                flags: 0,
+            },
+            vec![],
+        ),
+        (
+            "truncate evil/secret",
+            Op::SetAttr {
+                path: rel("evil/secret"),
+                mode: None,
+                uid: None,
+                gid: None,
+                size: Some(0),
+                atime: TimeSet::Omit,
+                mtime: TimeSet::Omit,
+            },
+            vec![],
+        ),
+        (
+            "unlink evil/secret",
+            Op::Unlink {
+                path: rel("evil/secret"),
+                parent_mtime: None,
+            },
+            vec![],
+        ),
+        (
+            "write through the symlink itself",
+            Op::Write {
+                path: rel("evil"),
+                offset: 0,
+                mtime: ts(),
+            },
+            b"PWNED".to_vec(),
+        ),
+    ];
+    for (i, (what, op, payload)) in through.iter().enumerate() {
+        let mut cl = HostileClient::connect(peer, &tls, "n1")
+            .unwrap_or_else(|e| panic!("{what}: a valid client cannot connect: {e}"));
+        cl.send_op(1, op.clone(), payload)
+            .and_then(|_| cl.send_op(2, create_op(rel(&format!("after-through-{i}"))), &[]))
+            .unwrap_or_else(|e| panic!("{what}: sending: {e}"));
+        let end = cl.read_until_end(Duration::from_secs(20));
+        eprintln!("{what}: session ended ({}), {:?}", end.end, end.messages);
+        let (seq, errno, reason) = end
+            .failed()
+            .unwrap_or_else(|| panic!("{what}: no Failed message from the mirror: {end:?}"));
+        assert_eq!(seq, 1, "{what}: {end:?}");
+        assert!(
+            [libc::ENOTDIR, libc::ELOOP].contains(&errno),
+            "{what}: refused with errno {errno} ({reason}), want ENOTDIR or ELOOP"
+        );
+        assert_eq!(end.applied(), 0, "{what}: {end:?}");
+        assert!(
+            h.mirror().is_running(),
+            "{what}: the mirror died:\n{}",
+            h.mirror().stderr_tail(30)
+        );
+    }
+
+    // A sequence number out of order is refused too.
+    let mut cl = HostileClient::connect(peer, &tls, "n1").unwrap_or_else(|e| panic!("{e}"));
+    cl.send_op(5, create_op(rel("out-of-order")), &[])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let end = cl.read_until_end(Duration::from_secs(20));
+    assert!(
+        end.applied() == 0 && !end.end.starts_with("timeout"),
+        "out-of-order op: {end:?}"
+    );
+    drop(cl);
+
+    // Nothing outside MIRROR changed, nothing appeared next to it or at the
+    // absolute paths, and MIRROR holds only what the legitimate ops made.
+    let d = tree_diff_with(&outside_before, &outside, &DiffOptions::default());
+    assert!(
+        d.diffs.is_empty(),
+        "the sentinel next to MIRROR changed:\n{}",
+        d.diffs.join("\n")
+    );
+    assert_eq!(
+        names_in(h.tmp().path()),
+        tmp_names,
+        "entries appeared or vanished next to MIRROR"
+    );
+    for p in [&abs1, &abs2, &format!("/tmp/{abs3}")] {
+        assert!(
+            std::fs::symlink_metadata(p).is_err(),
+            "{p} was created by a hostile operation"
+        );
+    }
+    assert_eq!(
+        names_in(&h.mirror_dir),
+        expected_on_mirror,
+        "MIRROR holds something a refused operation (or one after it) made"
+    );
+    let log = h.mirror().stderr();
+    let malformed_logged = log.matches("refused a malformed message").count();
+    let failed_logged = log.matches("cannot apply").count();
+    eprintln!(
+        "mirror log: {malformed_logged} malformed messages refused, {failed_logged} operations it could not apply"
+    );
+    assert!(
+        malformed_logged >= malformed.len(),
+        "the mirror logged {malformed_logged} refusals of malformed messages, want {}:\n{}",
+        malformed.len(),
+        h.mirror().stderr_tail(40)
+    );
+    assert!(
+        failed_logged >= through.len(),
+        "the mirror logged {failed_logged} refused operations, want {}",
+        through.len()
+    );
+    assert!(
+        log.contains("refused an out-of-order operation"),
+        "the out-of-order operation was not logged"
+    );
+
+    // And it still serves a legitimate mount, to an identical tree.
+    workload::small_tree(&h.dir, 6, 12);
+    h.mount(&MountOpts::default());
+    workload::small_tree(&h.dir.join("d0"), 7, 6);
+    h.stop_mount(Duration::from_secs(60));
+    h.assert_trees_equal(None, &DiffOptions::default());
+    let d = tree_diff_with(&outside_before, &outside, &DiffOptions::default());
+    assert!(
+        d.diffs.is_empty(),
+        "the sentinel changed during the legitimate mount's sync:\n{}",
+        d.diffs.join("\n")
     );
 }

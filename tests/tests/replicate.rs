@@ -3,6 +3,7 @@
 //! tree comparator between DIR and MIRROR. Needs root, /dev/fuse and the
 //! hapair binary (`cargo build -p hapair`).
 
+use hapair_tests::proc::Stopped;
 use hapair_tests::treediff::DiffOptions;
 use hapair_tests::{env, workload, Harness, MountOpts};
 use std::time::Duration;
@@ -184,5 +185,34 @@ fn rejoins_the_mirror_after_a_link_cut() {
     // Replication goes on after the rejoin, and the copies are equal.
     workload::small_tree(&h.dir.join("d3"), 4, 5);
     h.stop_mount(Duration::from_secs(60));
+    h.assert_trees_equal(None, &DiffOptions::default());
+}
+
+/// In async mode nothing waits for the mirror while the mount serves, but
+/// an unmount is where writes stop: the mount must bring the mirror up to
+/// date before it exits (bounded by the timeout), or the mirror's tree
+/// would not catch up to the mount's. The mirror is stopped (SIGSTOP)
+/// while the last writes are made and the mount is told to stop; it is
+/// resumed a moment later, and after the mount exited the trees must be
+/// equal.
+#[test]
+fn async_unmount_waits_for_the_mirror_to_catch_up() {
+    let _s = env::serial();
+    let mut h = Harness::new("async-drain");
+    h.start_mirror();
+    h.mount(&MountOpts::mode("async"));
+    workload::small_tree(&h.dir, 3, 8);
+    let stopped = Stopped::new(h.mirror());
+    std::fs::write(
+        h.dir.join("last-write"),
+        b"written while the mirror was stopped",
+    )
+    .expect("write on the mount");
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        drop(stopped);
+    });
+    h.stop_mount(Duration::from_secs(60));
+    let _ = resume.join();
     h.assert_trees_equal(None, &DiffOptions::default());
 }

@@ -201,3 +201,71 @@ fn works_past_path_max_and_reports_sparse_as_info() {
         r.info
     );
 }
+
+/// Files of 6 GiB that are mostly holes are compared by their data
+/// segments, and still every difference is found: a changed byte inside a
+/// data region beyond 4 GiB, data on one side where the other has a hole,
+/// and a non-zero byte where the other side has an explicit zero block.
+#[test]
+fn sparse_files_beyond_4_gib_are_compared_exactly() {
+    use std::os::unix::fs::FileExt;
+    let t = TestDir::new("td-sparse");
+    let size: u64 = 6 << 30;
+    let make = |dir: &Path, edits: &[(u64, &[u8])]| {
+        let f = std::fs::File::create(dir.join("big")).unwrap();
+        f.set_len(size).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(b"across the 4 GiB line", (4 << 30) - 10)
+            .unwrap();
+        f.write_all_at(b"tail", size - 4).unwrap();
+        for (off, data) in edits {
+            f.write_all_at(data, *off).unwrap();
+        }
+        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000))
+            .unwrap();
+        workload::set_mtime(dir, 5, 0);
+    };
+    let a = t.mkdir("a");
+    make(&a, &[]);
+    let same = t.mkdir("same");
+    make(&same, &[]);
+    let started = std::time::Instant::now();
+    let r = tree_diff_with(&a, &same, &DiffOptions::default());
+    assert!(r.diffs.is_empty(), "{:#?}", r.diffs);
+    eprintln!("two 6 GiB sparse files compared in {:?}", started.elapsed());
+
+    type Edits<'a> = Vec<(u64, &'a [u8])>;
+    let cases: Vec<(&str, Edits)> = vec![
+        ("in a data region past 4 GiB", vec![((4 << 30) + 3, b"X")]),
+        ("where A has a hole", vec![(5 << 30, b"data")]),
+        ("in the last bytes", vec![(size - 1, b"T")]),
+    ];
+    for (what, edits) in cases {
+        let b = t.mkdir(format!("b-{}", what.replace(' ', "-")));
+        make(&b, &edits);
+        let r = tree_diff_with(&a, &b, &DiffOptions::default());
+        let want = format!("content differs at byte {}", edits[0].0);
+        assert!(
+            r.diffs.iter().any(|d| d.contains(&want)),
+            "{what}: want {want:?}, got {:#?}",
+            r.diffs
+        );
+    }
+    // Zeros written as data on one side equal a hole on the other, but a
+    // non-zero byte in such a block does not.
+    let z = t.mkdir("zeros");
+    make(&z, &[(3 << 30, &[0u8; 65536])]);
+    assert!(tree_diff_with(&a, &z, &DiffOptions::default())
+        .diffs
+        .is_empty());
+    let nz = t.mkdir("nonzero");
+    make(&nz, &[(3 << 30, &[0u8; 65536]), ((3 << 30) + 65535, b"!")]);
+    let r = tree_diff_with(&a, &nz, &DiffOptions::default());
+    assert!(
+        r.diffs
+            .iter()
+            .any(|d| d.contains(&format!("content differs at byte {}", (3u64 << 30) + 65535))),
+        "{:#?}",
+        r.diffs
+    );
+}

@@ -398,6 +398,12 @@ impl ReplClient {
     /// made durable instead, once the client may go on alone (a held
     /// supervised client waits for the permission or for its resync).
     pub fn durability_point(&self) -> Result<(), i32> {
+        self.barrier(false)
+    }
+
+    /// A barrier, then (when the mode asks for it, or `always_wait`) the
+    /// wait until the mirror made it durable; see `durability_point`.
+    fn barrier(&self, always_wait: bool) -> Result<(), i32> {
         loop {
             let (state, allowed) = {
                 let g = self.lock();
@@ -409,7 +415,11 @@ impl ReplClient {
             match state {
                 LinkState::Replicating => {
                     let seq = self.record_op(Op::Barrier, &[]);
-                    let w = self.lock().core.wait_for_durability(seq);
+                    let w = if always_wait {
+                        WaitFor::Durable(seq)
+                    } else {
+                        self.lock().core.wait_for_durability(seq)
+                    };
                     self.wait(w)?;
                     // Lost the mirror while waiting and held: go round again
                     // (the journal or the next session covers the barrier).
@@ -542,7 +552,11 @@ impl ReplClient {
     /// makes the journal durable.
     pub fn shutdown(&self) -> bool {
         if self.link_state() == LinkState::Replicating {
-            let _ = self.durability_point();
+            // In every mode, async included: writes stop here, and the
+            // mirror must catch up before the process exits (the wait is
+            // bounded by the timeout, after which the journal keeps what it
+            // lacks).
+            let _ = self.barrier(true);
         } else {
             let _ = self.sync_journal();
         }

@@ -119,7 +119,10 @@ fn serve(conn: TcpStream, log: &Mutex<std::fs::File>, path: &Path) -> std::io::R
                 None => "ERR usage: PUT <n> <text>\n".to_string(),
             }
         } else if req == "WHO" {
-            format!("{}\n", std::env::var("HAPAIR_NODE").unwrap_or_else(|_| "?".into()))
+            format!(
+                "{}\n",
+                std::env::var("HAPAIR_NODE").unwrap_or_else(|_| "?".into())
+            )
         } else if req == "COUNT" {
             let c = std::fs::read_to_string(path)
                 .map(|s| s.lines().filter(|l| parse_record(l).is_some()).count())

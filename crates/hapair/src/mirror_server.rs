@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{error, info, warn};
 
@@ -24,6 +25,9 @@ use tracing::{error, info, warn};
 const APPLY_QUEUE: usize = 1024;
 /// Acknowledge at least every this many applied operations.
 const ACK_EVERY_OPS: u64 = 256;
+/// Longest wait, at the end of a session, for the peer to receive the last
+/// frames.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Work {
     Manifest { hash: bool },
@@ -212,7 +216,7 @@ async fn handle(
                 &[],
             )
             .await;
-        let _ = writer.finish().await;
+        finish_flushed(writer).await;
         anyhow::bail!(reason);
     };
     let dir = slot.dir.clone();
@@ -397,7 +401,18 @@ async fn write_loop(
             }
         }
     }
-    let _ = writer.finish().await;
+    finish_flushed(writer).await;
+}
+
+/// Finishes the stream and waits (bounded) until the peer has received all
+/// of it: the connection is closed right after a session ends, which would
+/// discard frames still in flight (the last acknowledgement, a `Failed`
+/// report, a `Refused` answer).
+async fn finish_flushed(mut writer: FrameWriter) {
+    let stream = writer.stream_mut();
+    if stream.finish().is_ok() {
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.stopped()).await;
+    }
 }
 
 /// After the applier's output channel closed, flush the final ack.

@@ -6,9 +6,12 @@
 //! It walks a [`RelPath`] component by component from its root fd, opening
 //! every directory with `O_NOFOLLOW | O_DIRECTORY`, so a symlink anywhere on
 //! the way is refused (ELOOP/ENOTDIR). On the final component, data is only
-//! ever written through `O_NOFOLLOW` opens, ownership and times are set with
-//! `AT_SYMLINK_NOFOLLOW`, and a mode change on a symlink is refused. `..`,
-//! `/`, NUL and empty names cannot be expressed in a `RelPath` at all.
+//! ever read or written after an `O_PATH | O_NOFOLLOW` open showed a regular
+//! file (a symlink, FIFO or device node is refused without being opened:
+//! a FIFO would block the applier, a device would reach hardware),
+//! ownership and times are set with `AT_SYMLINK_NOFOLLOW`, and a mode change
+//! on a symlink is refused. `..`, `/`, NUL and empty names cannot be
+//! expressed in a `RelPath` at all (see the tests, which hand-craft them).
 
 mod sys;
 
@@ -119,7 +122,7 @@ impl Applier {
                 mtime,
             } => {
                 let (d, n) = sys::parent_of(root, path)?;
-                let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+                let f = sys::open_regular(d.as_raw_fd(), &n, libc::O_WRONLY)?;
                 sys::pwrite_all(f.as_raw_fd(), payload, *offset)?;
                 sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
@@ -133,12 +136,23 @@ impl Applier {
                 parent_mtime,
             } => {
                 let (d, n) = sys::parent_of(root, path)?;
-                let f = sys::openat(
+                // O_EXCL never follows a symlink and never opens what is
+                // there; an existing name is truncated only if it is a
+                // regular file.
+                let f = match sys::openat(
                     d.as_raw_fd(),
                     &n,
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_NOFOLLOW,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
                     0o600,
-                )?;
+                ) {
+                    Ok(f) => f,
+                    Err(e) if e.errno == libc::EEXIST => {
+                        let f = sys::open_regular(d.as_raw_fd(), &n, libc::O_WRONLY)?;
+                        sys::ftruncate(f.as_raw_fd(), 0)?;
+                        f
+                    }
+                    Err(e) => return Err(e),
+                };
                 sys::fchown(f.as_raw_fd(), Some(*uid), Some(*gid))?;
                 sys::fchmod(f.as_raw_fd(), mode & 0o7777)?;
                 sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
@@ -286,7 +300,7 @@ impl Applier {
                     sys::chmod_at_nofollow(d.as_raw_fd(), &n, *m)?;
                 }
                 if let Some(s) = size {
-                    let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+                    let f = sys::open_regular(d.as_raw_fd(), &n, libc::O_WRONLY)?;
                     sys::ftruncate(f.as_raw_fd(), *s)?;
                     self.mark_file(path);
                 }
@@ -315,7 +329,7 @@ impl Applier {
                 mtime,
             } => {
                 let (d, n) = sys::parent_of(root, path)?;
-                let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+                let f = sys::open_regular(d.as_raw_fd(), &n, libc::O_WRONLY)?;
                 sys::fallocate(f.as_raw_fd(), *mode, *offset, *len)?;
                 sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
@@ -327,29 +341,34 @@ impl Applier {
 
     fn barrier(&mut self) -> Result<(), SysError> {
         let root = self.root();
-        if self.overflow {
+        let mut need_syncfs = self.overflow;
+        if !need_syncfs {
+            for p in self.dirty_files.iter().chain(&self.dirty_dirs) {
+                // Each entry is opened with O_PATH first: a FIFO or device
+                // node (an xattr changed on it) is never opened for real.
+                // A name removed or renamed since it was changed is no
+                // longer reachable; its changes went with it.
+                let f = match sys::open_below(root, p, libc::O_PATH | libc::O_NOFOLLOW) {
+                    Ok(f) => f,
+                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
+                match sys::fstat(f.as_raw_fd())?.st_mode & libc::S_IFMT {
+                    libc::S_IFREG | libc::S_IFDIR => {
+                        let rf = sys::reopen(f.as_raw_fd(), libc::O_RDONLY)?;
+                        sys::fsync(rf.as_raw_fd())?;
+                    }
+                    // Symlinks and special files cannot be fsynced by fd:
+                    // their inode changes are made durable with the
+                    // filesystem.
+                    _ => need_syncfs = true,
+                }
+            }
+        }
+        if need_syncfs {
             sys::syncfs(root)?;
-        } else {
-            for p in &self.dirty_files {
-                // A file removed or renamed since it was written is no
-                // longer reachable by this name; its data went with it.
-                match sys::open_below(root, p, libc::O_RDONLY | libc::O_NOFOLLOW) {
-                    Ok(f) => sys::fsync(f.as_raw_fd())?,
-                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            for p in &self.dirty_dirs {
-                match sys::open_below(
-                    root,
-                    p,
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                ) {
-                    Ok(f) => sys::fsync(f.as_raw_fd())?,
-                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
-                    Err(e) => return Err(e),
-                }
-            }
         }
         self.dirty_files.clear();
         self.dirty_dirs.clear();
@@ -385,7 +404,7 @@ fn entry_for(
         Vec::new()
     };
     let content_hash = if hash && kind == EntryKind::File {
-        let f = sys::openat(dir, name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+        let f = sys::open_regular(dir, name, libc::O_RDONLY)
             .map_err(|e| anyhow::anyhow!("open {path}: {e}"))?;
         Some(
             sys::hash_content(f.as_raw_fd(), st.st_size as u64)

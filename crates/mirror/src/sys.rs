@@ -52,6 +52,46 @@ pub fn openat(dir: RawFd, name: &[u8], flags: i32, mode: u32) -> Result<OwnedFd,
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+pub fn fstat(fd: RawFd) -> Result<libc::stat, SysError> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: valid fd and stat buffer.
+    check(unsafe { libc::fstat(fd, st.as_mut_ptr()) }, "fstat")?;
+    // SAFETY: fstat succeeded and filled the buffer.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// Opens an `O_PATH` fd again, with real access `flags`, through its
+/// /proc magic link: the same inode, so nothing can be swapped in between.
+pub fn reopen(fd: RawFd, flags: i32) -> Result<OwnedFd, SysError> {
+    let p = cs(format!("/proc/self/fd/{fd}").as_bytes())?;
+    // SAFETY: valid C string.
+    let r = check(
+        unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) },
+        "reopen",
+    )?;
+    // SAFETY: r was just returned by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// Opens `name` in `dir` for data access, only if it is a regular file.
+/// The name is first opened with `O_PATH | O_NOFOLLOW`, which never really
+/// opens what it names: a FIFO would block the opener until a peer shows
+/// up, and a device node would reach its driver (real hardware) for data
+/// that belongs in a file. A symlink is ELOOP, a directory EISDIR, anything
+/// else EINVAL.
+pub fn open_regular(dir: RawFd, name: &[u8], flags: i32) -> Result<OwnedFd, SysError> {
+    let p = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+    match fstat(p.as_raw_fd())?.st_mode & libc::S_IFMT {
+        libc::S_IFREG => reopen(p.as_raw_fd(), flags & !libc::O_NOFOLLOW),
+        libc::S_IFLNK => Err(SysError::new(libc::ELOOP, "data access to a symlink")),
+        libc::S_IFDIR => Err(SysError::new(libc::EISDIR, "data access to a directory")),
+        _ => Err(SysError::new(
+            libc::EINVAL,
+            "data access to a FIFO, socket or device node",
+        )),
+    }
+}
+
 /// Opens the parent directory of `p` by walking from `root` without
 /// following any symlink; returns it and the last component.
 pub fn parent_of(root: RawFd, p: &RelPath) -> Result<(OwnedFd, Vec<u8>), SysError> {

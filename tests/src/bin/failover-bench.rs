@@ -64,7 +64,9 @@ impl Probe {
         let both = Arc::new(Mutex::new(Vec::new()));
         let (s, a) = (stop.clone(), answers.clone());
         let t1 = c.in_client(move || {
-            let addr: SocketAddr = format!("{VIP}:{APP_PORT}").parse().unwrap_or_else(|e| panic!("{e}"));
+            let addr: SocketAddr = format!("{VIP}:{APP_PORT}")
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}"));
             let end = Instant::now() + Duration::from_secs(120);
             while !s.load(Ordering::SeqCst) && Instant::now() < end {
                 let t = Instant::now();
@@ -74,7 +76,9 @@ impl Probe {
                     if c.write_all(b"WHO\n").is_ok() {
                         if let Ok(r) = c.try_clone() {
                             if BufReader::new(r).read_line(&mut line).is_ok_and(|n| n > 0) {
-                                a.lock().unwrap_or_else(|p| p.into_inner()).push((t, line.trim().to_string()));
+                                a.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push((t, line.trim().to_string()));
                             }
                         }
                     }
@@ -92,7 +96,9 @@ impl Probe {
             while !s.load(Ordering::SeqCst) && Instant::now() < end {
                 let on = names.iter().filter(|ns| vip_in(ns)).count();
                 if on > 1 {
-                    b.lock().unwrap_or_else(|p| p.into_inner()).push(Instant::now());
+                    b.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -110,7 +116,11 @@ impl Probe {
         for t in self.threads {
             let _ = t.join();
         }
-        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let answers = self
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let both = self.both.lock().unwrap_or_else(|p| p.into_inner()).len();
         Trial {
             first_backup_s: answers
@@ -154,7 +164,9 @@ fn children_of(pid: u32) -> Vec<u32> {
     let mut v = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
             if let Ok(st) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
                 if let Some((_, rest)) = st.rsplit_once(") ") {
                     if rest.split(' ').nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
@@ -191,7 +203,12 @@ fn hapair_trial(label: &str, interval_ms: u64, timeout_ms: u64, mode: Mode) -> T
     c.start(1);
     c.wait_pair(0, Duration::from_secs(30));
     let probe = Probe::start(&c);
-    if !wait_answer(&probe, "n1", Instant::now() - Duration::from_secs(1), Duration::from_secs(10)) {
+    if !wait_answer(
+        &probe,
+        "n1",
+        Instant::now() - Duration::from_secs(1),
+        Duration::from_secs(10),
+    ) {
         eprintln!("hapair {label}: the application never answered on the VIP");
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -228,7 +245,14 @@ fn hapair_trial(label: &str, interval_ms: u64, timeout_ms: u64, mode: Mode) -> T
     t
 }
 
-fn keepalived_conf(dir: &Path, node: &str, prio: u32, src: &str, peer: &str, advert: &str) -> std::path::PathBuf {
+fn keepalived_conf(
+    dir: &Path,
+    node: &str,
+    prio: u32,
+    src: &str,
+    peer: &str,
+    advert: &str,
+) -> std::path::PathBuf {
     let p = dir.join(format!("{node}.conf"));
     let text = format!(
         "global_defs {{\n  router_id {node}\n  vrrp_version 3\n  vrrp_garp_master_delay 0\n  vrrp_garp_master_repeat 3\n}}\n\
@@ -249,7 +273,11 @@ impl Drop for Bg {
 }
 
 fn spawn_in(ns: &str, args: &[&str], env: &[(&str, &str)], log: &Path) -> Bg {
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("{e}"));
     let c = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
         .args(args)
@@ -276,24 +304,45 @@ fn keepalived_trial(advert: &str, mode: Mode) -> Trial {
         let ds = d.to_string_lossy().into_owned();
         responders.push(spawn_in(
             c.nodes[i].name(),
-            &[&bins, "demo-app", "--dir", &ds, "--listen", &format!("0.0.0.0:{APP_PORT}")],
+            &[
+                &bins,
+                "demo-app",
+                "--dir",
+                &ds,
+                "--listen",
+                &format!("0.0.0.0:{APP_PORT}"),
+            ],
             &[("HAPAIR_NODE", n)],
             &dir.join(format!("app-{n}.log")),
         ));
     }
     let mut ka = Vec::new();
-    for (i, (n, prio, src, peer)) in [("n1", 150, "10.77.0.1", "10.77.0.2"), ("n2", 100, "10.77.0.2", "10.77.0.1")].iter().enumerate() {
+    for (i, (n, prio, src, peer)) in [
+        ("n1", 150, "10.77.0.1", "10.77.0.2"),
+        ("n2", 100, "10.77.0.2", "10.77.0.1"),
+    ]
+    .iter()
+    .enumerate()
+    {
         let conf = keepalived_conf(&dir, n, *prio, src, peer, advert);
         let pid = dir.join(format!("{n}.pid"));
         let vpid = dir.join(format!("{n}.vrrp.pid"));
         ka.push(spawn_in(
             c.nodes[i].name(),
             &[
-                "keepalived", "-n", "-l", "-D", "-P",
-                "-f", &conf.to_string_lossy(),
-                "-p", &pid.to_string_lossy(),
-                "-r", &vpid.to_string_lossy(),
-                "-i", n,
+                "keepalived",
+                "-n",
+                "-l",
+                "-D",
+                "-P",
+                "-f",
+                &conf.to_string_lossy(),
+                "-p",
+                &pid.to_string_lossy(),
+                "-r",
+                &vpid.to_string_lossy(),
+                "-i",
+                n,
             ],
             &[],
             &dir.join(format!("{n}.log")),
@@ -311,7 +360,12 @@ fn keepalived_trial(advert: &str, mode: Mode) -> Trial {
     let tk = Instant::now();
     match mode {
         Mode::Crash => {
-            kill9(&std::iter::once(main_pid).chain(vrrp).chain(std::iter::once(responders[0].0.id())).collect::<Vec<_>>());
+            kill9(
+                &std::iter::once(main_pid)
+                    .chain(vrrp)
+                    .chain(std::iter::once(responders[0].0.id()))
+                    .collect::<Vec<_>>(),
+            );
             c.cut(0, true);
         }
         Mode::Kill9 => kill9(&std::iter::once(main_pid).chain(vrrp).collect::<Vec<_>>()),
@@ -331,7 +385,18 @@ fn keepalived_trial(advert: &str, mode: Mode) -> Trial {
     // keepalived leaves the VIP behind when killed: remove it before the
     // namespaces go (they go anyway; this keeps the logs quiet).
     for n in &c.nodes {
-        let _ = Command::new("ip").args(["-n", n.name(), "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                n.name(),
+                "addr",
+                "del",
+                &format!("{VIP}/24"),
+                "dev",
+                "eth0",
+            ])
+            .stderr(Stdio::null())
+            .status();
     }
     drop(ka);
     drop(responders);
@@ -350,7 +415,10 @@ fn row(system: &str, cfg: &str, mode: Mode, trials: &[Trial]) -> String {
     let mut firsts: Vec<f64> = trials.iter().filter_map(|t| t.first_backup_s).collect();
     let all: Vec<String> = trials
         .iter()
-        .map(|t| t.first_backup_s.map_or("none".into(), |s| format!("{s:.3}")))
+        .map(|t| {
+            t.first_backup_s
+                .map_or("none".into(), |s| format!("{s:.3}"))
+        })
         .collect();
     let failed = trials.iter().filter(|t| t.first_backup_s.is_none()).count();
     format!(
@@ -358,9 +426,16 @@ fn row(system: &str, cfg: &str, mode: Mode, trials: &[Trial]) -> String {
         mode.name(),
         median(&mut firsts).map_or("-".into(), |m| format!("{m:.3}")),
         all.join(" "),
-        trials.iter().map(|t| t.old_answers_after.to_string()).collect::<Vec<_>>().join(" "),
+        trials
+            .iter()
+            .map(|t| t.old_answers_after.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
         if trials.iter().any(|t| t.vip_on_both_samples > 0) {
-            format!("YES ({} samples)", trials.iter().map(|t| t.vip_on_both_samples).sum::<usize>())
+            format!(
+                "YES ({} samples)",
+                trials.iter().map(|t| t.vip_on_both_samples).sum::<usize>()
+            )
         } else if failed > 0 {
             format!("no ({failed} trials never failed over)")
         } else {
@@ -379,23 +454,41 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(if quick { 1 } else { 3 });
     let with_ka = !args.iter().any(|a| a == "--no-keepalived");
-    println!("failover benchmark: {reps} repetition(s) per line{}", if quick { " (--quick)" } else { "" });
+    println!(
+        "failover benchmark: {reps} repetition(s) per line{}",
+        if quick { " (--quick)" } else { "" }
+    );
     let mut rows = Vec::new();
-    for (cfg, iv, to) in [("defaults (200/3000 ms)", 200, 3000), ("interval 50, timeout 300 ms", 50, 300)] {
+    for (cfg, iv, to) in [
+        ("defaults (200/3000 ms)", 200, 3000),
+        ("interval 50, timeout 300 ms", 50, 300),
+    ] {
         for mode in [Mode::Crash, Mode::Kill9, Mode::Stop, Mode::Swap] {
-            let trials: Vec<Trial> = (0..reps).map(|_| hapair_trial(&format!("{iv}"), iv, to, mode)).collect();
+            let trials: Vec<Trial> = (0..reps)
+                .map(|_| hapair_trial(&format!("{iv}"), iv, to, mode))
+                .collect();
             let r = row("hapair", cfg, mode, &trials);
             println!("{r}");
             rows.push(r);
         }
     }
     if with_ka {
-        if Command::new("keepalived").arg("--version").stderr(Stdio::null()).stdout(Stdio::null()).status().is_err() {
+        if Command::new("keepalived")
+            .arg("--version")
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .is_err()
+        {
             println!("keepalived is not installed (apt-get install keepalived): skipped");
         } else {
-            for (cfg, adv) in [("advert_int 1 s (default)", "1"), ("advert_int 0.01 s", "0.01")] {
+            for (cfg, adv) in [
+                ("advert_int 1 s (default)", "1"),
+                ("advert_int 0.01 s", "0.01"),
+            ] {
                 for mode in [Mode::Crash, Mode::Kill9, Mode::Stop] {
-                    let trials: Vec<Trial> = (0..reps).map(|_| keepalived_trial(adv, mode)).collect();
+                    let trials: Vec<Trial> =
+                        (0..reps).map(|_| keepalived_trial(adv, mode)).collect();
                     let r = row("keepalived", cfg, mode, &trials);
                     println!("{r}");
                     rows.push(r);
