@@ -309,3 +309,98 @@ fn process_named(name: &str) -> Result<(), String> {
     }
     Err(format!("no process named {name:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checkers_see_what_they_check() {
+        let me = std::process::id();
+        assert!(run_check(&CheckKind::Process { name: None }, me)
+            .await
+            .is_ok());
+        // A PID that cannot exist (above pid_max's hard ceiling).
+        let gone = run_check(&CheckKind::Process { name: None }, 4_194_305).await;
+        assert!(gone.is_err_and(|e| e.contains("gone")));
+        let comm = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap_or_default();
+        assert!(run_check(
+            &CheckKind::Process {
+                name: Some(comm.trim().to_string())
+            },
+            0
+        )
+        .await
+        .is_ok());
+        assert!(run_check(
+            &CheckKind::Process {
+                name: Some("no-such-process-x".into())
+            },
+            0
+        )
+        .await
+        .is_err());
+        assert!(run_check(
+            &CheckKind::Command {
+                command: "exit 0".into()
+            },
+            0
+        )
+        .await
+        .is_ok());
+        let e = run_check(
+            &CheckKind::Command {
+                command: "exit 7".into(),
+            },
+            0,
+        )
+        .await;
+        assert!(e.is_err_and(|e| e.contains('7')));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let address = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        assert!(run_check(&CheckKind::Tcp { address }, 0).await.is_ok());
+        drop(l);
+        assert!(
+            run_check(&CheckKind::Tcp { address }, 0).await.is_err(),
+            "nothing listens any more"
+        );
+    }
+
+    #[tokio::test]
+    async fn consecutive_failures_are_reported_once_per_budget() {
+        let (pid_tx, pid_rx) = watch::channel(Some(std::process::id()));
+        let (tx, mut rx) = mpsc::channel(16);
+        spawn_check(
+            CheckCfg {
+                kind: CheckKind::Command {
+                    command: "exit 1".into(),
+                },
+                interval_ms: 50,
+                timeout_ms: 1000,
+                failures: 3,
+            },
+            pid_rx,
+            tx,
+        );
+        let t0 = std::time::Instant::now();
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(
+            matches!(ev, Ok(Some(Event::AppCheckFailed { .. }))),
+            "{ev:?}"
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(150),
+            "three failures, 50 ms apart, before the report"
+        );
+        // While the application is down, nothing is checked or reported.
+        let _ = pid_tx.send(None);
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "no report while the application is down"
+        );
+    }
+}

@@ -196,7 +196,15 @@ pub fn spawn(
                     alone = Some(gen);
                     if let Some(a) = &active {
                         for d in &a.dirs {
-                            lock(d).client.allow_alone(true);
+                            let d = lock(d);
+                            d.client.allow_alone(true);
+                            // The supervisor allows this only once it judged
+                            // the secondary out of sync (lost, or restarted):
+                            // the current session, if any, is over, and the
+                            // calls waiting on it go on with the journal now
+                            // rather than after the replication timeout.
+                            d.client
+                                .end_session("the supervisor serves without the secondary");
                         }
                     }
                 }
