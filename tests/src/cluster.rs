@@ -10,7 +10,7 @@
 //! guards then kill the applications and remove the VIP), dead mounts are
 //! detached, and the namespaces deleted.
 
-use crate::netns::Netns;
+use crate::netns::{ip_ok, Netns};
 use crate::proc::Proc;
 use crate::tmp::TestDir;
 use serde_json::Value;
@@ -49,23 +49,6 @@ impl Default for ClusterOpts {
             extra: String::new(),
         }
     }
-}
-
-fn ip(args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"))
-}
-
-fn ip_ok(args: &[&str]) {
-    let o = ip(args);
-    assert!(
-        o.status.success(),
-        "ip {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr).trim()
-    );
 }
 
 /// Detaches dead or live FUSE mounts left on the nodes' data directories.

@@ -8,7 +8,7 @@
 
 use std::process::{Command, Output, Stdio};
 
-fn ip(args: &[&str]) -> Output {
+pub(crate) fn ip(args: &[&str]) -> Output {
     Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -16,7 +16,7 @@ fn ip(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running ip {args:?}: {e} (is iproute2 installed?)"))
 }
 
-fn ip_ok(args: &[&str]) {
+pub(crate) fn ip_ok(args: &[&str]) {
     let o = ip(args);
     assert!(
         o.status.success(),

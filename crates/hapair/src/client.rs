@@ -319,18 +319,7 @@ impl ReplClient {
             if g.core.admit(bytes, now) == Admit::Yes {
                 break;
             }
-            if g.core.tick(now) {
-                let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
-                self.go_degraded(&mut g, &reason);
-                continue;
-            }
-            let wait = g.core.next_deadline_ms(now).unwrap_or(10).clamp(1, 10);
-            g = self
-                .sh
-                .cond
-                .wait_timeout(g, Duration::from_millis(wait))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = self.tick_or_wait(g, 10);
         }
         let seq = g.core.push(bytes, self.now_ms());
         let recs = journal::records_for(&op, payload.len());
@@ -358,6 +347,32 @@ impl ReplClient {
         seq
     }
 
+    /// One round of a waiting loop: if the oldest unacknowledged op timed
+    /// out, the pipeline goes degraded (and the caller looks again at once);
+    /// else waits for a change, at most until the next deadline or `max_ms`.
+    fn tick_or_wait<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        max_ms: u64,
+    ) -> MutexGuard<'a, Inner> {
+        let now = self.now_ms();
+        if g.core.tick(now) {
+            let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
+            self.go_degraded(&mut g, &reason);
+            return g;
+        }
+        let wait = g
+            .core
+            .next_deadline_ms(now)
+            .unwrap_or(max_ms)
+            .clamp(1, max_ms);
+        self.sh
+            .cond
+            .wait_timeout(g, Duration::from_millis(wait))
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
     /// Blocks until `w` holds (or the pipeline is degraded and allowed to go
     /// on alone). Err(EIO) once the client is aborted.
     fn wait(&self, w: WaitFor) -> Result<(), i32> {
@@ -372,19 +387,7 @@ impl ReplClient {
                 }
                 return Ok(());
             }
-            let now = self.now_ms();
-            if g.core.tick(now) {
-                let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
-                self.go_degraded(&mut g, &reason);
-                continue;
-            }
-            let wait = g.core.next_deadline_ms(now).unwrap_or(50).clamp(1, 50);
-            g = self
-                .sh
-                .cond
-                .wait_timeout(g, Duration::from_millis(wait))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g = self.tick_or_wait(g, 50);
         }
     }
 
@@ -512,19 +515,7 @@ impl ReplClient {
                 if g.core.durable() >= seq {
                     break;
                 }
-                let now = self.now_ms();
-                if g.core.tick(now) {
-                    let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
-                    self.go_degraded(&mut g, &reason);
-                    continue;
-                }
-                let wait = g.core.next_deadline_ms(now).unwrap_or(50).clamp(1, 50);
-                g = self
-                    .sh
-                    .cond
-                    .wait_timeout(g, Duration::from_millis(wait))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                g = self.tick_or_wait(g, 50);
             }
             // The mirror holds everything: the journal has served.
             self.sh.state.clear_journal()?;
