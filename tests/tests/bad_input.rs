@@ -740,3 +740,50 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
         d.diffs.join("\n")
     );
 }
+
+/// Cluster commands: a wrong configuration names file, line and field
+/// (exit 2) and starts nothing; an admin command without a running daemon
+/// says so (exit 1); a good configuration is summarised.
+#[test]
+fn cluster_config_errors_name_file_line_and_field() {
+    let t = hapair_tests::TestDir::new("cfg");
+    let good = "[cluster]\nname = \"demo\"\n\n[[node]]\nname = \"n1\"\naddress = \"10.77.0.1\"\n\n[[node]]\nname = \"n2\"\naddress = \"10.77.0.2\"\n\n[replication]\ndirs = [\"/srv/app/data\"]\n";
+    let p = t.join("good.toml");
+    std::fs::write(&p, good).expect("write config");
+    let ps = p.to_string_lossy().into_owned();
+    let o = Command::new(env::hapair_bin())
+        .args(["check-config", "-c", &ps])
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no witness (split brain possible"));
+    let bad = good.replace("10.77.0.2", "10.77.0.two");
+    let b = t.join("bad.toml");
+    std::fs::write(&b, &bad).expect("write config");
+    let bs = b.to_string_lossy().into_owned();
+    usage_error(
+        &["check-config", "-c", &bs],
+        &format!("{bs}:10: field `node[1].address`"),
+    );
+    // The daemon refuses to start with it, before touching anything.
+    let state = t.join("state-never-created");
+    let bad_state = bad.replace(
+        "name = \"demo\"",
+        &format!("name = \"demo\"\nstate_dir = \"{}\"", state.display()),
+    );
+    std::fs::write(&b, bad_state).expect("write config");
+    usage_error(&["daemon", "-c", &bs, "--node", "n1"], "not an IP address");
+    assert!(
+        !state.exists(),
+        "a refused configuration created {}",
+        state.display()
+    );
+    usage_error(&["status", "-c", &ps, "--node", "n3"], "--node n3");
+    // No daemon: exit 1 and a message that says so.
+    let o = Command::new(env::hapair_bin())
+        .args(["status", "-c", &ps, "--node", "n1"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("daemon of this node is not running"));
+}
