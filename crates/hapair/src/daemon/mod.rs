@@ -713,6 +713,7 @@ impl Daemon {
             "vip": {
                 "configured": self.vip.as_ref().map(|v| v.describe()),
                 "held_here": s.resources.vip,
+                "present_here": self.vip.as_ref().and_then(|v| v.present()),
                 "holder": vip_holder,
             },
             "witness": {

@@ -33,6 +33,11 @@ impl VipCtl {
         }
     }
 
+    /// Whether the kernel has the address on the interface right now.
+    pub fn present(&self) -> Option<bool> {
+        hapair_vip::is_present(&self.vip).ok()
+    }
+
     pub fn describe(&self) -> String {
         format!("{} on {}", self.cidr, self.vip.ifname)
     }
