@@ -620,3 +620,47 @@ fn loss_of_the_secondary_is_survived_and_it_is_resynced_on_return() {
     std::thread::sleep(Duration::from_millis(300));
     assert_no_loss(&c, 1, &rep);
 }
+
+/// A command checker that starts failing on the primary: the application
+/// is restarted in place within the budget, then the service fails over to
+/// the secondary (where the check passes). The failure is in the status.
+#[test]
+fn a_failing_checker_restarts_the_application_then_fails_over() {
+    let _s = env::serial();
+    let flags = hapair_tests::TestDir::new("flags");
+    let extra = format!(
+        "\n[[check]]\nkind = \"command\"\ncommand = \"test ! -e {}/fail-$HAPAIR_NODE\"\ninterval_ms = 100\nfailures = 2\n",
+        flags.path().display()
+    );
+    let mut c = started(
+        "ha-check",
+        ClusterOpts {
+            restart_budget: 1,
+            extra,
+            ..Default::default()
+        },
+    );
+    let first = c
+        .status(0)
+        .ok()
+        .and_then(|v| v["app"]["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no application pid"));
+    std::fs::write(flags.join("fail-n1"), b"").unwrap_or_else(|e| panic!("{e}"));
+    let st = c.wait_status(0, SETTLE, "a restart after the failed check", |v| {
+        v["app"]["restarts"]["total"] == 1 && v["app"]["pid"].as_u64().is_some_and(|p| p != first)
+    });
+    assert!(
+        st["app"]["check"]["last_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("command check")),
+        "the failure is shown: {st}"
+    );
+    // Still failing after the restart: the budget is spent, n2 takes over.
+    c.wait_status(1, SETTLE, "serving with the application", |v| {
+        (v["state"] == "PRIM" || v["state"] == "ALONE") && v["app"]["state"] == "up"
+    });
+    never_two_vips(&c, Duration::from_millis(500));
+    assert_eq!(c.vip_holders(), vec![1]);
+    let s0 = c.wait_status(0, SETTLE, "not serving", |v| v["app"]["state"] == "down");
+    eprintln!("n1 after the failover: {} — {}", s0["state"], s0["detail"]);
+}

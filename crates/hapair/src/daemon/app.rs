@@ -204,6 +204,7 @@ pub fn spawn_check(
     check: CheckCfg,
     pid: watch::Receiver<Option<u32>>,
     events: mpsc::Sender<Event>,
+    env: Vec<(String, String)>,
 ) {
     tokio::spawn(async move {
         let mut failed = 0u32;
@@ -215,7 +216,7 @@ pub fn spawn_check(
             };
             let r = tokio::time::timeout(
                 Duration::from_millis(check.timeout_ms),
-                run_check(&check.kind, app_pid),
+                run_check(&check.kind, app_pid, &env),
             )
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {} ms", check.timeout_ms)));
@@ -254,7 +255,8 @@ fn describe(k: &CheckKind) -> String {
     }
 }
 
-async fn run_check(k: &CheckKind, app_pid: u32) -> Result<(), String> {
+/// `env`: the application's environment (a command checker gets it too).
+async fn run_check(k: &CheckKind, app_pid: u32, env: &[(String, String)]) -> Result<(), String> {
     match k {
         CheckKind::Process { name: None } => {
             // SAFETY: signal 0 only checks for existence.
@@ -278,6 +280,7 @@ async fn run_check(k: &CheckKind, app_pid: u32) -> Result<(), String> {
             let st = tokio::process::Command::new("/bin/sh")
                 .arg("-c")
                 .arg(command)
+                .envs(env.iter().cloned())
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
                 .status()
@@ -317,53 +320,41 @@ mod tests {
     #[tokio::test]
     async fn checkers_see_what_they_check() {
         let me = std::process::id();
-        assert!(run_check(&CheckKind::Process { name: None }, me)
-            .await
-            .is_ok());
+        let check = |k: CheckKind, pid: u32| async move { run_check(&k, pid, &[]).await };
+        assert!(check(CheckKind::Process { name: None }, me).await.is_ok());
         // A PID that cannot exist (above pid_max's hard ceiling).
-        let gone = run_check(&CheckKind::Process { name: None }, 4_194_305).await;
+        let gone = check(CheckKind::Process { name: None }, 4_194_305).await;
         assert!(gone.is_err_and(|e| e.contains("gone")));
         let comm = std::fs::read_to_string(format!("/proc/{me}/comm")).unwrap_or_default();
-        assert!(run_check(
-            &CheckKind::Process {
-                name: Some(comm.trim().to_string())
-            },
-            0
-        )
-        .await
-        .is_ok());
-        assert!(run_check(
-            &CheckKind::Process {
-                name: Some("no-such-process-x".into())
-            },
-            0
-        )
-        .await
-        .is_err());
-        assert!(run_check(
-            &CheckKind::Command {
-                command: "exit 0".into()
-            },
-            0
-        )
-        .await
-        .is_ok());
-        let e = run_check(
-            &CheckKind::Command {
-                command: "exit 7".into(),
-            },
-            0,
-        )
-        .await;
-        assert!(e.is_err_and(|e| e.contains('7')));
+        let name = Some(comm.trim().to_string());
+        assert!(check(CheckKind::Process { name }, 0).await.is_ok());
+        let name = Some("no-such-process-x".to_string());
+        assert!(check(CheckKind::Process { name }, 0).await.is_err());
+        let ok = CheckKind::Command {
+            command: "exit 0".into(),
+        };
+        assert!(check(ok, 0).await.is_ok());
+        let seven = CheckKind::Command {
+            command: "exit 7".into(),
+        };
+        assert!(check(seven, 0).await.is_err_and(|e| e.contains('7')));
+        // A command checker gets the application's environment.
+        let env = [("HAPAIR_NODE".to_string(), "n9".to_string())];
+        let k = CheckKind::Command {
+            command: "test \"$HAPAIR_NODE\" = n9".into(),
+        };
+        assert!(run_check(&k, 0, &env).await.is_ok());
+        assert!(run_check(&k, 0, &[]).await.is_err());
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let address = l.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        assert!(run_check(&CheckKind::Tcp { address }, 0).await.is_ok());
+        assert!(run_check(&CheckKind::Tcp { address }, 0, &[]).await.is_ok());
         drop(l);
         assert!(
-            run_check(&CheckKind::Tcp { address }, 0).await.is_err(),
+            run_check(&CheckKind::Tcp { address }, 0, &[])
+                .await
+                .is_err(),
             "nothing listens any more"
         );
     }
@@ -383,6 +374,7 @@ mod tests {
             },
             pid_rx,
             tx,
+            Vec::new(),
         );
         let t0 = std::time::Instant::now();
         let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;

@@ -263,24 +263,25 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let app = cfg.app.as_ref().map(|a| {
-        let env = vec![
-            ("HAPAIR_NODE".to_string(), me.clone()),
-            ("HAPAIR_PEER".to_string(), peer.name.clone()),
-            (
-                "HAPAIR_DIRS".to_string(),
-                my.dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            ),
-        ];
-        app::spawn(a.clone(), env, events_tx.clone(), guard.clone())
-    });
+    let app_env = vec![
+        ("HAPAIR_NODE".to_string(), me.clone()),
+        ("HAPAIR_PEER".to_string(), peer.name.clone()),
+        (
+            "HAPAIR_DIRS".to_string(),
+            my.dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
+    ];
+    let app = cfg
+        .app
+        .as_ref()
+        .map(|a| app::spawn(a.clone(), app_env.clone(), events_tx.clone(), guard.clone()));
     if let Some(a) = &app {
         for c in &cfg.checks {
-            app::spawn_check(c.clone(), a.pid.clone(), events_tx.clone());
+            app::spawn_check(c.clone(), a.pid.clone(), events_tx.clone(), app_env.clone());
         }
     }
     info!(
