@@ -373,15 +373,21 @@ impl ReplicaFs {
         }
     }
 
-    /// Asks the replicator for a durability point, unless nothing was recorded
-    /// since the last one completed. (The kernel follows every O_SYNC write
-    /// with its own FSYNC request, which then costs nothing.)
-    fn durability_point(&self) -> R<()> {
+    /// Runs the local sync `local` (fsync or fdatasync of a backing fd) and
+    /// a durability point of the replicator around it, unless nothing was
+    /// recorded since the last durability point completed (then only the
+    /// local sync runs: the kernel follows every O_SYNC write with its own
+    /// FSYNC request, which then costs nothing more). The replicator may
+    /// sync the mirror while `local` runs.
+    fn durability_point(&self, mut local: impl FnMut() -> R<()>) -> R<()> {
         let target = self.recorded.load(Ordering::SeqCst);
         if target != 0 && self.durable.load(Ordering::SeqCst) >= target {
-            return Ok(());
+            return local();
         }
-        self.repl.durability_point().map_err(Errno::from_i32)?;
+        let mut local_errno = || local().map_err(|e| e.code());
+        self.repl
+            .durability_point_around(&mut local_errno)
+            .map_err(Errno::from_i32)?;
         self.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
@@ -995,8 +1001,7 @@ impl ReplicaFs {
             }
         }
         if let Some(datasync) = h.sync {
-            sys::fsync(h.fd.as_fd(), datasync)?;
-            self.durability_point()?;
+            self.durability_point(|| sys::fsync(h.fd.as_fd(), datasync))?;
         }
         u32::try_from(written).map_err(|_| Errno::EIO)
     }
@@ -1510,8 +1515,7 @@ impl Filesystem for ReplicaFs {
     ) {
         let r = self
             .file(fh)
-            .and_then(|h| sys::fsync(h.fd.as_fd(), datasync))
-            .and_then(|()| self.durability_point());
+            .and_then(|h| self.durability_point(|| sys::fsync(h.fd.as_fd(), datasync)));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1561,8 +1565,7 @@ impl Filesystem for ReplicaFs {
     ) {
         let r = self
             .dir(fh)
-            .and_then(|d| sys::fsync(d.fd.as_fd(), datasync))
-            .and_then(|()| self.durability_point());
+            .and_then(|d| self.durability_point(|| sys::fsync(d.fd.as_fd(), datasync)));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

@@ -35,6 +35,20 @@ pub trait Replicator: Send + Sync + 'static {
     /// AFTER the local fsync succeeded; returns when the mirror has made
     /// everything recorded so far durable (mode-dependent).
     fn durability_point(&self) -> Result<(), i32>;
+    /// A durability point around the local sync that it extends: `local` is
+    /// the backing filesystem's own fsync/fdatasync. Returns only when both
+    /// `local` and the durability point are done; `local`'s error comes
+    /// first. The default runs `local`, then [`Replicator::durability_point`].
+    /// An implementation may start the durability point before running
+    /// `local` (everything recorded so far is already covered), so that both
+    /// disks sync at the same time instead of one after the other.
+    fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        local()?;
+        self.durability_point()
+    }
 }
 
 /// How to mount.

@@ -278,9 +278,21 @@ impl ReplClient {
     /// durable (sync and strict modes). When degraded, the journal itself
     /// is made durable instead.
     pub fn durability_point(&self) -> Result<(), i32> {
-        let degraded = self.is_degraded();
-        if !degraded {
-            let seq = self.record_op(Op::Barrier, &[]);
+        self.durability_point_around(&mut || Ok(()))
+    }
+
+    /// A durability point around a local sync (see
+    /// `Replicator::durability_point_around`): the barrier is sent first, so
+    /// that the mirror syncs its disk while `local` syncs ours; then waits
+    /// for the mirror. The barrier covers everything recorded before it,
+    /// which includes every change the local sync covers.
+    pub fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        let barrier = (!self.is_degraded()).then(|| self.record_op(Op::Barrier, &[]));
+        local()?;
+        if let Some(seq) = barrier {
             let w = self.lock().core.wait_for_durability(seq);
             self.wait(w);
         }
@@ -463,5 +475,11 @@ impl hapair_fs_replica::Replicator for ReplClient {
     }
     fn durability_point(&self) -> Result<(), i32> {
         ReplClient::durability_point(self)
+    }
+    fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        ReplClient::durability_point_around(self, local)
     }
 }
