@@ -307,9 +307,18 @@ impl ReplClient {
     }
 
     /// Final barrier at unmount. Returns true if the mirror holds everything
-    /// durably (a clean shutdown).
+    /// durably (a clean shutdown). Waits for the mirror in every mode (async
+    /// too, whose durability points do not): otherwise the process could end
+    /// with operations still queued, and the clean stop would not be one.
     pub fn shutdown(&self) -> bool {
-        let _ = self.durability_point();
+        if !self.is_degraded() {
+            let seq = self.record_op(Op::Barrier, &[]);
+            self.wait(WaitFor::Durable(seq));
+        }
+        if self.is_degraded() {
+            // The journal then holds what the mirror lacks: make it durable.
+            let _ = self.durability_point();
+        }
         let mut g = self.lock();
         let clean =
             g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
