@@ -13,8 +13,11 @@
 //!    name that a concurrent rename just moved away.
 //! 3. `table` (Mutex): the inode table, held only for short in-memory work.
 //!
-//! `Replicator::after_mutation()` and `durability_point()` are called with no
-//! lock held.
+//! `Replicator::after_mutation()` and `durability_point()` (and their `_then`
+//! forms) are called with no lock held. Writes, fsync and fsyncdir are
+//! answered from the `_then` completions: a worker thread hands the reply
+//! to the replicator instead of waiting for the mirror, so a few workers
+//! serve many callers that wait for the network at the same time.
 //!
 //! # What is recorded for files that have no path
 //! A file that was unlinked while still open is no longer part of the tree:
@@ -85,6 +88,17 @@ struct DirH {
     st: Mutex<DirState>,
 }
 
+/// A write executed and recorded, whose reply may still have to wait for the
+/// mirror (see `Filesystem::write`).
+struct WriteDone {
+    written: u32,
+    /// The last op the write recorded.
+    seq: Option<Seq>,
+    /// An O_SYNC (false) / O_DSYNC (true) handle: the write is a durability
+    /// point.
+    sync: Option<(Arc<FileH>, bool)>,
+}
+
 /// What to create in `create_node`.
 enum NewKind<'a> {
     File { flags: i32, mode: u32 },
@@ -105,8 +119,9 @@ pub struct ReplicaFs {
     /// Ops recorded so far (a local count, independent of the replicator's
     /// sequence numbering).
     recorded: AtomicU64,
-    /// Value of `recorded` covered by the last completed durability point.
-    durable: AtomicU64,
+    /// Value of `recorded` covered by the last completed durability point
+    /// (shared with the completions of durability points).
+    durable: Arc<AtomicU64>,
     pub(crate) writeback_cache: bool,
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask
     /// to the filesystem (FUSE_DONT_MASK).
@@ -322,7 +337,7 @@ impl ReplicaFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             recorded: AtomicU64::new(0),
-            durable: AtomicU64::new(0),
+            durable: Arc::new(AtomicU64::new(0)),
             writeback_cache: false,
             posix_acl: false,
         })
@@ -373,23 +388,33 @@ impl ReplicaFs {
         }
     }
 
-    /// Runs the local sync `local` (fsync or fdatasync of a backing fd) and
-    /// a durability point of the replicator around it, unless nothing was
-    /// recorded since the last durability point completed (then only the
-    /// local sync runs: the kernel follows every O_SYNC write with its own
-    /// FSYNC request, which then costs nothing more). The replicator may
-    /// sync the mirror while `local` runs.
-    fn durability_point(&self, mut local: impl FnMut() -> R<()>) -> R<()> {
+    /// Runs the local sync `local` (fsync or fdatasync of a backing fd) on
+    /// this thread and a durability point of the replicator around it, then
+    /// hands the outcome to `done`, possibly later and from another thread
+    /// (the request is answered from there; this FUSE worker goes on with
+    /// other requests). Without anything recorded since the last durability
+    /// point completed, only the local sync runs: the kernel follows every
+    /// O_SYNC write with its own FSYNC request, which then costs nothing more.
+    fn durability_point_then(
+        &self,
+        mut local: impl FnMut() -> R<()>,
+        done: impl FnOnce(R<()>) + Send + 'static,
+    ) {
         let target = self.recorded.load(Ordering::SeqCst);
         if target != 0 && self.durable.load(Ordering::SeqCst) >= target {
-            return local();
+            return done(local());
         }
         let mut local_errno = || local().map_err(|e| e.code());
-        self.repl
-            .durability_point_around(&mut local_errno)
-            .map_err(Errno::from_i32)?;
-        self.durable.fetch_max(target, Ordering::SeqCst);
-        Ok(())
+        let durable = self.durable.clone();
+        self.repl.durability_point_around_then(
+            &mut local_errno,
+            Box::new(move |r| {
+                if r.is_ok() {
+                    durable.fetch_max(target, Ordering::SeqCst);
+                }
+                done(r.map_err(Errno::from_i32))
+            }),
+        );
     }
 
     /// The path to record ops on `ino` under. `None`: the object is not part
@@ -959,7 +984,7 @@ impl ReplicaFs {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-    ) -> R<u32> {
+    ) -> R<WriteDone> {
         let h = self.file(fh)?;
         debug_assert_eq!(h.ino, ino);
         let ino = h.ino;
@@ -994,16 +1019,19 @@ impl ReplicaFs {
             }
             (n, err)
         };
-        self.finish(rec.last)?;
         if written == 0 {
             if let Some(e) = err {
+                // Nothing written; what was recorded (a set-id bit cleared)
+                // still follows the mode's rules before the error returns.
+                self.finish(rec.last)?;
                 return Err(e);
             }
         }
-        if let Some(datasync) = h.sync {
-            self.durability_point(|| sys::fsync(h.fd.as_fd(), datasync))?;
-        }
-        u32::try_from(written).map_err(|_| Errno::EIO)
+        Ok(WriteDone {
+            written: u32::try_from(written).map_err(|_| Errno::EIO)?,
+            seq: rec.last,
+            sync: h.sync.map(|datasync| (h.clone(), datasync)),
+        })
     }
 
     /// Clears set-user-id (and set-group-id when group-executable) as the
@@ -1473,9 +1501,26 @@ impl Filesystem for ReplicaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(ino.0, fh, offset, data, write_flags) {
-            Ok(n) => reply.written(n),
+        let w = match self.do_write(ino.0, fh, offset, data, write_flags) {
+            Ok(w) => w,
+            Err(e) => return reply.error(e),
+        };
+        let n = w.written;
+        let answer = move |r: R<()>| match r {
+            Ok(()) => reply.written(n),
             Err(e) => reply.error(e),
+        };
+        // The reply waits for the mirror as the mode says (strict: applied;
+        // an O_SYNC handle: durable, which implies applied), but this worker
+        // does not: the replicator answers once the mirror acknowledged.
+        match (w.sync, w.seq) {
+            (Some((h, datasync)), _) => {
+                self.durability_point_then(|| sys::fsync(h.fd.as_fd(), datasync), answer)
+            }
+            (None, Some(seq)) => self
+                .repl
+                .after_mutation_then(seq, Box::new(move |r| answer(r.map_err(Errno::from_i32)))),
+            (None, None) => answer(Ok(())),
         }
     }
 
@@ -1513,13 +1558,17 @@ impl Filesystem for ReplicaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self
-            .file(fh)
-            .and_then(|h| self.durability_point(|| sys::fsync(h.fd.as_fd(), datasync)));
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        self.durability_point_then(
+            || sys::fsync(h.fd.as_fd(), datasync),
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1563,13 +1612,17 @@ impl Filesystem for ReplicaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self
-            .dir(fh)
-            .and_then(|d| self.durability_point(|| sys::fsync(d.fd.as_fd(), datasync)));
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let d = match self.dir(fh) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        self.durability_point_then(
+            || sys::fsync(d.fd.as_fd(), datasync),
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -49,7 +49,30 @@ pub trait Replicator: Send + Sync + 'static {
         local()?;
         self.durability_point()
     }
+    /// [`Replicator::after_mutation`] without blocking the calling thread:
+    /// `done` receives the outcome once the call may return to the
+    /// application, exactly once, from any thread (possibly this one, before
+    /// this returns). The filesystem answers the kernel from `done`, so a
+    /// FUSE worker never waits for the network. The default blocks.
+    fn after_mutation_then(&self, seq: hapair_proto::Seq, done: Completion) {
+        done(self.after_mutation(seq))
+    }
+    /// [`Replicator::durability_point_around`] without blocking the calling
+    /// thread beyond `local` itself (which runs on it): `done` receives the
+    /// outcome, as for [`Replicator::after_mutation_then`]. The default
+    /// blocks.
+    fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        done(self.durability_point_around(local))
+    }
 }
+
+/// Receives the outcome (`Err(errno)` for the application) of a call that
+/// waited for the mirror. Called exactly once, from any thread.
+pub type Completion = Box<dyn FnOnce(Result<(), i32>) + Send + 'static>;
 
 /// How to mount.
 #[derive(Debug, Clone)]

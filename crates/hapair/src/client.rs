@@ -8,6 +8,7 @@
 //! owns), so there is no lock order to get wrong.
 
 use crate::state::{StateDir, Status};
+use hapair_fs_replica::Completion;
 use hapair_proto::{encode_frame, FromMirror, Op, Seq, ToMirror};
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
@@ -25,6 +26,22 @@ const OP_OVERHEAD_BYTES: u64 = 128;
 const SEND_BATCH_FRAMES: usize = 256;
 /// Most bytes the sender takes from the queue per batch.
 const SEND_BATCH_BYTES: usize = 4 << 20;
+/// Most FUSE requests waiting for the mirror without a thread each (see
+/// [`Waiter`]); beyond, callers block their FUSE worker as before. Each is
+/// an application thread blocked in a system call, so this is only reached
+/// by thousands of threads syncing at once.
+const MAX_WAITERS: usize = 4096;
+
+/// A FUSE request whose answer waits for the mirror. It is answered by the
+/// code that makes its condition true: the receiver on an acknowledgement,
+/// or the timer once the pipeline went degraded.
+struct Waiter {
+    w: WaitFor,
+    /// A durability point: if the pipeline went degraded instead, the
+    /// journal must be durable before the request is answered.
+    durability: bool,
+    done: Completion,
+}
 
 struct Inner {
     core: ReplCore,
@@ -39,6 +56,12 @@ struct Inner {
     connection: Option<quinn::Connection>,
     /// Set by `shutdown`: the sender stops after draining.
     closing: bool,
+    /// Requests answered when the mirror acknowledges (or the pipeline goes
+    /// degraded). At most `MAX_WAITERS`.
+    waiters: Vec<Waiter>,
+    /// Sequence number of the last barrier recorded (0: none): a durability
+    /// point with nothing recorded since reuses it instead of adding one.
+    last_barrier: Seq,
 }
 
 pub struct Shared {
@@ -111,6 +134,8 @@ impl ReplClient {
                     journal_records: 0,
                     connection,
                     closing: false,
+                    waiters: Vec::new(),
+                    last_barrier: 0,
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
@@ -217,6 +242,9 @@ impl ReplClient {
                 .0;
         }
         let seq = g.core.push(bytes, self.now_ms());
+        if matches!(op, Op::Barrier) {
+            g.last_barrier = seq;
+        }
         let recs = journal::records_for(&op, payload.len());
         match g.core.state() {
             LinkState::Replicating => {
@@ -274,11 +302,47 @@ impl ReplClient {
         Ok(())
     }
 
+    /// `after_mutation` answered through `done` (see
+    /// `Replicator::after_mutation_then`).
+    pub fn after_mutation_then(&self, seq: Seq, done: Completion) {
+        let w = {
+            let mut g = self.lock();
+            let w = g.core.wait_after_mutation(seq);
+            if !g.core.satisfied(w) && g.waiters.len() < MAX_WAITERS {
+                g.waiters.push(Waiter {
+                    w,
+                    durability: false,
+                    done,
+                });
+                return;
+            }
+            w
+        };
+        self.wait(w);
+        done(Ok(()))
+    }
+
     /// A durability point: a barrier, then wait until the mirror made it
     /// durable (sync and strict modes). When degraded, the journal itself
     /// is made durable instead.
     pub fn durability_point(&self) -> Result<(), i32> {
         self.durability_point_around(&mut || Ok(()))
+    }
+
+    /// A barrier covering everything recorded so far, or None when
+    /// degraded. Reuses the last barrier when nothing was recorded after it
+    /// (concurrent durability points then share one barrier).
+    fn barrier(&self) -> Option<Seq> {
+        {
+            let g = self.lock();
+            if g.core.state() == LinkState::Degraded {
+                return None;
+            }
+            if g.last_barrier != 0 && g.last_barrier == g.core.last_seq() {
+                return Some(g.last_barrier);
+            }
+        }
+        Some(self.record_op(Op::Barrier, &[]))
     }
 
     /// A durability point around a local sync (see
@@ -290,12 +354,49 @@ impl ReplClient {
         &self,
         local: &mut dyn FnMut() -> Result<(), i32>,
     ) -> Result<(), i32> {
-        let barrier = (!self.is_degraded()).then(|| self.record_op(Op::Barrier, &[]));
+        let barrier = self.barrier();
         local()?;
         if let Some(seq) = barrier {
             let w = self.lock().core.wait_for_durability(seq);
             self.wait(w);
         }
+        self.sync_journal()
+    }
+
+    /// `durability_point_around` answered through `done` (see
+    /// `Replicator::durability_point_around_then`): `local` runs on the
+    /// calling thread; the wait for the mirror does not.
+    pub fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        let barrier = self.barrier();
+        if let Err(e) = local() {
+            return done(Err(e));
+        }
+        if let Some(seq) = barrier {
+            let w = {
+                let mut g = self.lock();
+                let w = g.core.wait_for_durability(seq);
+                if !g.core.satisfied(w) && g.waiters.len() < MAX_WAITERS {
+                    g.waiters.push(Waiter {
+                        w,
+                        durability: true,
+                        done,
+                    });
+                    return;
+                }
+                w
+            };
+            self.wait(w);
+        }
+        done(self.sync_journal())
+    }
+
+    /// When degraded, makes the journal durable (what a durability point
+    /// then relies on); otherwise nothing.
+    fn sync_journal(&self) -> Result<(), i32> {
         let g = self.lock();
         if let Some(f) = g.journal.as_ref() {
             f.sync_data().map_err(|e| {
@@ -304,6 +405,41 @@ impl ReplClient {
             })?;
         }
         Ok(())
+    }
+
+    /// Answers every waiting request whose condition now holds (an
+    /// acknowledgement arrived, or the pipeline went degraded: then the
+    /// durability points among them are answered once the journal is
+    /// durable). The answers are sent with no lock held.
+    fn complete_ready(&self) {
+        let (ready, journal_result) = {
+            let mut g = self.lock();
+            if g.waiters.is_empty() {
+                return;
+            }
+            let inner = &mut *g;
+            let ready = take_ready(&mut inner.waiters, &inner.core);
+            if ready.is_empty() {
+                return;
+            }
+            let mut journal_result = Ok(());
+            if g.core.state() == LinkState::Degraded && ready.iter().any(|w| w.durability) {
+                if g.journal.is_none() {
+                    self.go_degraded(&mut g, "degraded");
+                }
+                journal_result = match g.journal.as_ref() {
+                    Some(f) => f.sync_data().map_err(|e| {
+                        error!("journal fsync failed: {e}");
+                        libc::EIO
+                    }),
+                    None => Err(libc::EIO),
+                };
+            }
+            (ready, journal_result)
+        };
+        for w in ready {
+            (w.done)(if w.durability { journal_result } else { Ok(()) });
+        }
     }
 
     /// Final barrier at unmount. Returns true if the mirror holds everything
@@ -385,6 +521,7 @@ impl ReplClient {
                 let mut g = self.lock();
                 self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
                 drop(g);
+                self.complete_ready();
                 self.write_status();
                 return;
             }
@@ -414,11 +551,14 @@ impl ReplClient {
                                 g.unacked.pop_front();
                             }
                             self.sh.cond.notify_all();
+                            drop(g);
+                            self.complete_ready();
                         }
                         Err(e) => {
                             let r = format!("mirror sent an impossible ack: {e}");
                             self.go_degraded(&mut g, &r);
                             drop(g);
+                            self.complete_ready();
                             self.write_status();
                             return;
                         }
@@ -439,6 +579,7 @@ impl ReplClient {
         }
         self.go_degraded(&mut g, &reason);
         drop(g);
+        self.complete_ready();
         self.write_status();
     }
 
@@ -456,6 +597,10 @@ impl ReplClient {
                 }
                 (d, g.closing)
             };
+            // Waiters whose condition became true elsewhere (the pipeline
+            // went degraded in a FUSE thread, say) are answered here at the
+            // latest.
+            self.complete_ready();
             if degraded_now || last_status.elapsed() >= Duration::from_secs(1) {
                 self.write_status();
                 last_status = Instant::now();
@@ -475,6 +620,16 @@ impl ReplClient {
     }
 }
 
+/// Removes and returns the waiters whose own condition holds now (every one
+/// once the pipeline is degraded).
+fn take_ready(waiters: &mut Vec<Waiter>, core: &ReplCore) -> Vec<Waiter> {
+    let (ready, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|w| core.satisfied(w.w));
+    *waiters = rest;
+    ready
+}
+
 impl hapair_fs_replica::Replicator for ReplClient {
     fn record(&self, op: Op, payload: &[u8]) -> Seq {
         self.record_op(op, payload)
@@ -490,5 +645,93 @@ impl hapair_fs_replica::Replicator for ReplClient {
         local: &mut dyn FnMut() -> Result<(), i32>,
     ) -> Result<(), i32> {
         ReplClient::durability_point_around(self, local)
+    }
+    fn after_mutation_then(&self, seq: Seq, done: Completion) {
+        ReplClient::after_mutation_then(self, seq, done)
+    }
+    fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        ReplClient::durability_point_around_then(self, local, done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn waiter(w: WaitFor, durability: bool, hits: &Arc<AtomicU32>) -> Waiter {
+        let hits = hits.clone();
+        Waiter {
+            w,
+            durability,
+            done: Box::new(move |_| {
+                hits.fetch_add(1, Ordering::SeqCst);
+            }),
+        }
+    }
+
+    fn fire(ready: Vec<Waiter>) -> Vec<WaitFor> {
+        ready
+            .into_iter()
+            .map(|w| {
+                (w.done)(Ok(()));
+                w.w
+            })
+            .collect()
+    }
+
+    /// Each waiting request is answered by the first acknowledgement that
+    /// covers its own condition, not earlier (not by any acknowledgement, nor
+    /// by one covering another request), and exactly once.
+    #[test]
+    fn waiters_complete_on_their_own_condition_only() {
+        let mut core = ReplCore::new(CoreConfig::default());
+        for _ in 0..6 {
+            core.push(10, 0);
+        }
+        let hits: Vec<Arc<AtomicU32>> = (0..4).map(|_| Arc::new(AtomicU32::new(0))).collect();
+        let mut ws = vec![
+            waiter(WaitFor::Durable(2), true, &hits[0]),
+            waiter(WaitFor::Applied(4), false, &hits[1]),
+            waiter(WaitFor::Durable(5), true, &hits[2]),
+            waiter(WaitFor::Applied(1), false, &hits[3]),
+        ];
+        assert!(fire(take_ready(&mut ws, &core)).is_empty());
+        core.on_ack(4, 1).unwrap();
+        assert_eq!(
+            fire(take_ready(&mut ws, &core)),
+            vec![WaitFor::Applied(4), WaitFor::Applied(1)]
+        );
+        core.on_ack(5, 2).unwrap();
+        assert_eq!(fire(take_ready(&mut ws, &core)), vec![WaitFor::Durable(2)]);
+        core.on_ack(5, 4).unwrap();
+        assert!(fire(take_ready(&mut ws, &core)).is_empty());
+        core.on_ack(6, 6).unwrap();
+        assert_eq!(fire(take_ready(&mut ws, &core)), vec![WaitFor::Durable(5)]);
+        assert!(ws.is_empty());
+        for h in &hits {
+            assert_eq!(h.load(Ordering::SeqCst), 1, "answered exactly once");
+        }
+    }
+
+    /// When the pipeline goes degraded, every waiter is released (the
+    /// caller relies on the journal instead).
+    #[test]
+    fn degraded_releases_every_waiter() {
+        let mut core = ReplCore::new(CoreConfig::default());
+        core.push(10, 0);
+        let hits = Arc::new(AtomicU32::new(0));
+        let mut ws = vec![
+            waiter(WaitFor::Durable(1), true, &hits),
+            waiter(WaitFor::Applied(1), false, &hits),
+        ];
+        assert!(take_ready(&mut ws, &core).is_empty());
+        core.degrade("test".into());
+        assert_eq!(fire(take_ready(&mut ws, &core)).len(), 2);
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
     }
 }
