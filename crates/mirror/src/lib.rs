@@ -22,6 +22,66 @@ pub use sys::SysError;
 /// instead of one fsync per entry (bounded memory, bounded work).
 const MAX_DIRTY_ENTRIES: usize = 4096;
 
+/// Regular files kept open between operations (see [`FdCache`]).
+const FD_CACHE_ENTRIES: usize = 64;
+
+/// Recently written regular files, open for writing, by path: a run of
+/// writes to one file, and the barrier's fsync of it, then cost no path
+/// walk, open or close per operation. Only the applier changes the mirror
+/// tree, so a cached descriptor names what its path names until an
+/// operation of this applier moves or removes that path: unlink, rmdir and
+/// rename drop every entry at or below the paths they touch. (A create or
+/// link over a cached path would find the name taken; a create of an
+/// existing regular file truncates the same inode.) Entries were opened by
+/// the confined walk, so the cache keeps the confinement guarantee.
+struct FdCache {
+    files: std::collections::HashMap<RelPath, (OwnedFd, u64)>,
+    tick: u64,
+}
+
+impl FdCache {
+    fn new() -> Self {
+        FdCache {
+            files: std::collections::HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn get(&mut self, p: &RelPath) -> Option<RawFd> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.files.get_mut(p).map(|(fd, used)| {
+            *used = tick;
+            fd.as_raw_fd()
+        })
+    }
+
+    fn insert(&mut self, p: RelPath, fd: OwnedFd) -> RawFd {
+        if self.files.len() >= FD_CACHE_ENTRIES && !self.files.contains_key(&p) {
+            // Evict the least recently used; a linear scan of a few dozen.
+            if let Some(old) = self
+                .files
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            {
+                self.files.remove(&old);
+            }
+        }
+        self.tick += 1;
+        let raw = fd.as_raw_fd();
+        self.files.insert(p, (fd, self.tick));
+        raw
+    }
+
+    /// Forgets `p` and everything below it.
+    fn forget_below(&mut self, p: &RelPath) {
+        if !self.files.is_empty() {
+            self.files.retain(|k, _| !k.starts_with(p));
+        }
+    }
+}
+
 /// An operation could not be applied.
 #[derive(Debug, thiserror::Error)]
 #[error("{op} {path}: {source}")]
@@ -48,6 +108,7 @@ pub struct Applier {
     dirty_dirs: BTreeSet<RelPath>,
     /// Set when the dirty sets overflowed: the barrier syncs the filesystem.
     overflow: bool,
+    files: FdCache,
 }
 
 impl Applier {
@@ -66,6 +127,7 @@ impl Applier {
             dirty_files: BTreeSet::new(),
             dirty_dirs: BTreeSet::new(),
             overflow: false,
+            files: FdCache::new(),
         })
     }
 
@@ -110,6 +172,18 @@ impl Applier {
         self.root.as_raw_fd()
     }
 
+    /// A descriptor open for writing on the regular file at `path` (from the
+    /// cache, or opened by the confined walk and cached). Valid until the
+    /// next call that may change the cache.
+    fn file_fd(&mut self, path: &RelPath) -> Result<RawFd, SysError> {
+        if let Some(fd) = self.files.get(path) {
+            return Ok(fd);
+        }
+        let (d, n) = sys::parent_of(self.root(), path)?;
+        let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
+        Ok(self.files.insert(path.clone(), f))
+    }
+
     fn apply_inner(&mut self, op: &Op, payload: &[u8]) -> Result<(), SysError> {
         let root = self.root();
         match op {
@@ -118,10 +192,9 @@ impl Applier {
                 offset,
                 mtime,
             } => {
-                let (d, n) = sys::parent_of(root, path)?;
-                let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
-                sys::pwrite_all(f.as_raw_fd(), payload, *offset)?;
-                sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
+                let f = self.file_fd(path)?;
+                sys::pwrite_all(f, payload, *offset)?;
+                sys::futimes(f, TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
             }
             Op::Create {
@@ -143,6 +216,8 @@ impl Applier {
                 sys::fchmod(f.as_raw_fd(), mode & 0o7777)?;
                 sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
                 sys::set_dir_mtime(d.as_raw_fd(), *parent_mtime)?;
+                // A new file is usually written next.
+                self.files.insert(path.clone(), f);
                 self.mark_file(path);
                 self.mark_parent(path);
             }
@@ -233,6 +308,7 @@ impl Applier {
             }
             Op::Unlink { path, parent_mtime } | Op::Rmdir { path, parent_mtime } => {
                 let (d, n) = sys::parent_of(root, path)?;
+                self.files.forget_below(path);
                 sys::unlinkat(d.as_raw_fd(), &n, matches!(op, Op::Rmdir { .. }))?;
                 sys::set_dir_mtime(d.as_raw_fd(), *parent_mtime)?;
                 self.dirty_files.remove(path);
@@ -247,6 +323,8 @@ impl Applier {
             } => {
                 let (d1, n1) = sys::parent_of(root, from)?;
                 let (d2, n2) = sys::parent_of(root, to)?;
+                self.files.forget_below(from);
+                self.files.forget_below(to);
                 sys::renameat2(d1.as_raw_fd(), &n1, d2.as_raw_fd(), &n2, *flags)?;
                 sys::set_dir_mtime(d1.as_raw_fd(), *from_parent_mtime)?;
                 sys::set_dir_mtime(d2.as_raw_fd(), *to_parent_mtime)?;
@@ -314,10 +392,9 @@ impl Applier {
                 len,
                 mtime,
             } => {
-                let (d, n) = sys::parent_of(root, path)?;
-                let f = sys::openat(d.as_raw_fd(), &n, libc::O_WRONLY | libc::O_NOFOLLOW, 0)?;
-                sys::fallocate(f.as_raw_fd(), *mode, *offset, *len)?;
-                sys::futimes(f.as_raw_fd(), TimeSet::Omit, TimeSet::At(*mtime))?;
+                let f = self.file_fd(path)?;
+                sys::fallocate(f, *mode, *offset, *len)?;
+                sys::futimes(f, TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
             }
             Op::Barrier => self.barrier()?,
@@ -331,6 +408,10 @@ impl Applier {
             sys::syncfs(root)?;
         } else {
             for p in &self.dirty_files {
+                if let Some(fd) = self.files.get(p) {
+                    sys::fsync(fd)?;
+                    continue;
+                }
                 // A file removed or renamed since it was written is no
                 // longer reachable by this name; its data went with it.
                 match sys::open_below(root, p, libc::O_RDONLY | libc::O_NOFOLLOW) {
@@ -493,5 +574,7 @@ pub fn scan_tree_vec(
     Ok(all)
 }
 
+#[cfg(test)]
+mod cache_tests;
 #[cfg(test)]
 mod tests;
