@@ -9,7 +9,7 @@
 
 use crate::state::{StateDir, Status};
 use hapair_fs_replica::Completion;
-use hapair_proto::{encode_frame, FromMirror, Op, Seq, ToMirror};
+use hapair_proto::{encode_frame, FromMirror, Mode, Op, Seq, ToMirror};
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
 use hapair_transport::{FrameReader, FrameWriter};
@@ -26,6 +26,16 @@ const OP_OVERHEAD_BYTES: u64 = 128;
 const SEND_BATCH_FRAMES: usize = 256;
 /// Most bytes the sender takes from the queue per batch.
 const SEND_BATCH_BYTES: usize = 4 << 20;
+/// How often the timer task runs: it sends operations nobody waits for yet
+/// (see `LAZY_SEND_BYTES`), answers waiters, checks the timeout.
+const TICK: Duration = Duration::from_millis(10);
+/// Operations nobody waits for (sync and async modes) do not wake the
+/// sender: they leave with the next one somebody waits for (a barrier), when
+/// this many bytes are queued, or at the next tick. A write and the fsync
+/// after it then travel, are applied and acknowledged together, and runs of
+/// small operations leave in batches, with one wake-up of each thread on the
+/// way instead of one per operation. The mirror's lag grows by at most a tick.
+const LAZY_SEND_BYTES: u64 = 256 << 10;
 /// Most FUSE requests waiting for the mirror without a thread each (see
 /// [`Waiter`]); beyond, callers block their FUSE worker as before. Each is
 /// an application thread blocked in a system call, so this is only reached
@@ -47,6 +57,11 @@ struct Inner {
     core: ReplCore,
     /// Encoded frames not yet handed to the sender task.
     queue: VecDeque<Vec<u8>>,
+    /// Bytes in `queue`.
+    queued_bytes: u64,
+    /// The sender must send what is queued now (someone waits for it, or the
+    /// tick came).
+    send_now: bool,
     /// What every not-yet-applied operation dirtied, in sequence order, so
     /// that it can be journaled if the mirror goes away.
     unacked: VecDeque<(Seq, Vec<DirtyRecord>)>,
@@ -129,6 +144,8 @@ impl ReplClient {
                 inner: Mutex::new(Inner {
                     core,
                     queue: VecDeque::new(),
+                    queued_bytes: 0,
+                    send_now: false,
                     unacked: VecDeque::new(),
                     journal,
                     journal_records: 0,
@@ -175,6 +192,7 @@ impl ReplClient {
             "mirror lost: continuing alone, journaling changes for the resync"
         );
         g.queue.clear();
+        g.queued_bytes = 0;
         if let Some(c) = g.connection.take() {
             c.close(1u32.into(), b"degraded");
         }
@@ -228,6 +246,11 @@ impl ReplClient {
             if g.core.admit(bytes, now) == Admit::Yes {
                 break;
             }
+            // Waiting for acknowledgements: what is queued must leave first.
+            if !g.send_now && !g.queue.is_empty() {
+                g.send_now = true;
+                self.sh.wake_sender.notify_one();
+            }
             if g.core.tick(now) {
                 let reason = g.core.degraded_reason().unwrap_or("timeout").to_string();
                 self.go_degraded(&mut g, &reason);
@@ -242,7 +265,8 @@ impl ReplClient {
                 .0;
         }
         let seq = g.core.push(bytes, self.now_ms());
-        if matches!(op, Op::Barrier) {
+        let is_barrier = matches!(op, Op::Barrier);
+        if is_barrier {
             g.last_barrier = seq;
         }
         let recs = journal::records_for(&op, payload.len());
@@ -258,10 +282,19 @@ impl ReplClient {
                     self.go_degraded(&mut g, "unencodable operation");
                     return seq;
                 }
+                g.queued_bytes += frame.len() as u64;
                 g.queue.push_back(frame);
                 g.unacked.push_back((seq, recs));
+                // Wake the sender only when someone waits for this operation
+                // or enough is queued (see LAZY_SEND_BYTES).
+                let wake = is_barrier
+                    || g.core.config().mode == Mode::Strict
+                    || g.queued_bytes >= LAZY_SEND_BYTES;
+                g.send_now |= wake;
                 drop(g);
-                self.sh.wake_sender.notify_one();
+                if wake {
+                    self.sh.wake_sender.notify_one();
+                }
             }
             LinkState::Degraded => {
                 let _ = self.journal_append(&mut g, &recs);
@@ -494,14 +527,20 @@ impl ReplClient {
             batch.clear();
             let (degraded, closing) = {
                 let mut g = self.lock();
-                let mut n = 0;
-                while n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
-                    match g.queue.pop_front() {
-                        Some(f) => {
-                            batch.extend_from_slice(&f);
-                            n += 1;
+                if g.send_now || g.closing || g.queued_bytes >= LAZY_SEND_BYTES {
+                    let mut n = 0;
+                    while n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
+                        match g.queue.pop_front() {
+                            Some(f) => {
+                                g.queued_bytes -= f.len() as u64;
+                                batch.extend_from_slice(&f);
+                                n += 1;
+                            }
+                            None => break,
                         }
-                        None => break,
+                    }
+                    if g.queue.is_empty() {
+                        g.send_now = false;
                     }
                 }
                 (g.core.state() == LinkState::Degraded, g.closing)
@@ -586,9 +625,14 @@ impl ReplClient {
     async fn timer(self) {
         let mut last_status = Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(TICK).await;
             let (degraded_now, closing) = {
                 let mut g = self.lock();
+                if !g.queue.is_empty() && !g.send_now {
+                    // Operations nobody waited for: their tick came.
+                    g.send_now = true;
+                    self.sh.wake_sender.notify_one();
+                }
                 let now = self.now_ms();
                 let d = g.core.tick(now);
                 if d {
