@@ -49,10 +49,16 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Attribute and entry cache lifetime given to the kernel. Every mutating
-/// reply carries fresh attributes, and all changes go through this mount, so
-/// the cache only has to be short enough for changes the kernel cannot see
-/// (none in normal operation).
-const TTL: Duration = Duration::from_secs(1);
+/// reply carries fresh attributes, all changes go through this mount, and
+/// the kernel updates or invalidates what it caches on each of them (names
+/// on create, unlink and rename; attributes on write, setattr, link, unlink
+/// and xattr changes), so the cache only has to expire for what the kernel
+/// cannot see: access times moved by reads on the backing, and changes made
+/// behind the mount (to a `--backing` directory, which is not supported).
+/// A long lifetime spares a lookup round trip per `stat` of a name already
+/// seen (measured: `stat` of 10,000 fresh files about 4 times faster than
+/// with 1 s, when creating them takes longer than a second).
+const TTL: Duration = Duration::from_secs(60);
 
 /// Most backing entries examined when searching for a lost hard link name.
 const SCAN_LIMIT_ENTRIES: u64 = 2_000_000;
