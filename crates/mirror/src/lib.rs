@@ -25,6 +25,29 @@ const MAX_DIRTY_ENTRIES: usize = 4096;
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
 
+/// Writes at least this large, at an offset and of a length in whole
+/// `DIRECT_ALIGN` blocks, go to the disk directly (O_DIRECT) instead of
+/// through the mirror's page cache. The mirror never reads them back, and
+/// on this machine kind filling fresh page-cache pages costs about 2 CPU
+/// seconds per GiB, a direct write about 0.15 (measured with dd). The
+/// barrier's fsync still makes them durable (device cache flush, metadata).
+const DIRECT_MIN_BYTES: usize = 128 << 10;
+const DIRECT_ALIGN: usize = 4096;
+
+/// A reusable buffer whose data starts on a `DIRECT_ALIGN` boundary, as
+/// O_DIRECT requires of the memory it writes from.
+struct AlignedBuf(Vec<u8>);
+
+impl AlignedBuf {
+    fn slice(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len + DIRECT_ALIGN {
+            self.0 = vec![0; len + DIRECT_ALIGN];
+        }
+        let off = self.0.as_ptr().align_offset(DIRECT_ALIGN);
+        &mut self.0[off..off + len]
+    }
+}
+
 /// Recently written regular files, open for writing, by path: a run of
 /// writes to one file, and the barrier's fsync of it, then cost no path
 /// walk, open or close per operation. Only the applier changes the mirror
@@ -35,8 +58,15 @@ const FD_CACHE_ENTRIES: usize = 64;
 /// existing regular file truncates the same inode.) Entries were opened by
 /// the confined walk, so the cache keeps the confinement guarantee.
 struct FdCache {
-    files: std::collections::HashMap<RelPath, (OwnedFd, u64)>,
+    files: std::collections::HashMap<RelPath, CachedFile>,
     tick: u64,
+}
+
+struct CachedFile {
+    fd: OwnedFd,
+    /// O_DIRECT is set on `fd` now.
+    direct: bool,
+    used: u64,
 }
 
 impl FdCache {
@@ -48,11 +78,15 @@ impl FdCache {
     }
 
     fn get(&mut self, p: &RelPath) -> Option<RawFd> {
+        self.entry(p).map(|f| f.fd.as_raw_fd())
+    }
+
+    fn entry(&mut self, p: &RelPath) -> Option<&mut CachedFile> {
         self.tick += 1;
         let tick = self.tick;
-        self.files.get_mut(p).map(|(fd, used)| {
-            *used = tick;
-            fd.as_raw_fd()
+        self.files.get_mut(p).map(|f| {
+            f.used = tick;
+            f
         })
     }
 
@@ -62,7 +96,7 @@ impl FdCache {
             if let Some(old) = self
                 .files
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, f)| f.used)
                 .map(|(k, _)| k.clone())
             {
                 self.files.remove(&old);
@@ -70,7 +104,14 @@ impl FdCache {
         }
         self.tick += 1;
         let raw = fd.as_raw_fd();
-        self.files.insert(p, (fd, self.tick));
+        self.files.insert(
+            p,
+            CachedFile {
+                fd,
+                direct: false,
+                used: self.tick,
+            },
+        );
         raw
     }
 
@@ -109,6 +150,11 @@ pub struct Applier {
     /// Set when the dirty sets overflowed: the barrier syncs the filesystem.
     overflow: bool,
     files: FdCache,
+    /// Bounce buffer for direct writes.
+    aligned: AlignedBuf,
+    /// Cleared when the mirror's filesystem refused a direct write: then
+    /// every write goes through the page cache.
+    direct_ok: bool,
 }
 
 impl Applier {
@@ -128,6 +174,8 @@ impl Applier {
             dirty_dirs: BTreeSet::new(),
             overflow: false,
             files: FdCache::new(),
+            aligned: AlignedBuf(Vec::new()),
+            direct_ok: true,
         })
     }
 
@@ -172,6 +220,44 @@ impl Applier {
         self.root.as_raw_fd()
     }
 
+    /// Writes `data` at `off` into the regular file at `path`: directly to
+    /// the disk when it is large and block-aligned (see `DIRECT_MIN_BYTES`),
+    /// else through the page cache. Returns the descriptor used.
+    fn write_at(&mut self, path: &RelPath, data: &[u8], off: u64) -> Result<RawFd, SysError> {
+        let fd = self.file_fd(path)?;
+        let direct = self.direct_ok
+            && data.len() >= DIRECT_MIN_BYTES
+            && data.len() % DIRECT_ALIGN == 0
+            && off % DIRECT_ALIGN as u64 == 0;
+        let Some(entry) = self.files.entry(path) else {
+            return Err(SysError::new(libc::EIO, "file vanished from the cache"));
+        };
+        if entry.direct != direct && sys::set_direct(fd, direct).is_ok() {
+            entry.direct = direct;
+        }
+        if direct && entry.direct {
+            let buf = self.aligned.slice(data.len());
+            buf.copy_from_slice(data);
+            match sys::pwrite_all(fd, buf, off) {
+                Ok(()) => return Ok(fd),
+                Err(e) if e.errno == libc::EINVAL => {
+                    // The filesystem does not take direct writes after all:
+                    // write this one (again, whole) through the page cache.
+                    self.direct_ok = false;
+                    if sys::set_direct(fd, false).is_ok() {
+                        entry.direct = false;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        } else if entry.direct {
+            // Could not switch back: the page cache path needs it off.
+            return Err(SysError::new(libc::EIO, "cannot clear O_DIRECT"));
+        }
+        sys::pwrite_all(fd, data, off)?;
+        Ok(fd)
+    }
+
     /// A descriptor open for writing on the regular file at `path` (from the
     /// cache, or opened by the confined walk and cached). Valid until the
     /// next call that may change the cache.
@@ -192,8 +278,7 @@ impl Applier {
                 offset,
                 mtime,
             } => {
-                let f = self.file_fd(path)?;
-                sys::pwrite_all(f, payload, *offset)?;
+                let f = self.write_at(path, payload, *offset)?;
                 sys::futimes(f, TimeSet::Omit, TimeSet::At(*mtime))?;
                 self.mark_file(path);
             }
