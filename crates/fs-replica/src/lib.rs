@@ -25,6 +25,11 @@ pub trait Replicator: Send + Sync + 'static {
     /// exact order the local effects happened. May block (backpressure).
     /// Returns the op's sequence number.
     fn record(&self, op: hapair_proto::Op, payload: &[u8]) -> hapair_proto::Seq;
+    /// [`Replicator::record`] with a payload the replicator may keep without
+    /// copying it (bulk writes). The default copies.
+    fn record_owned(&self, op: hapair_proto::Op, payload: bytes::Bytes) -> hapair_proto::Seq {
+        self.record(op, &payload)
+    }
     /// Called after the ordering lock is released, once per mutating FUSE
     /// call that recorded something, with the last seq that call recorded: in
     /// strict mode waits until the mirror applied it. Err(errno) is returned

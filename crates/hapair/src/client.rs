@@ -8,8 +8,9 @@
 //! owns), so there is no lock order to get wrong.
 
 use crate::state::{StateDir, Status};
+use bytes::Bytes;
 use hapair_fs_replica::Completion;
-use hapair_proto::{encode_frame, FromMirror, Mode, Op, Seq, ToMirror};
+use hapair_proto::{encode_frame_head, FromMirror, Mode, Op, Seq, ToMirror};
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
 use hapair_transport::{FrameReader, FrameWriter};
@@ -22,8 +23,12 @@ use tracing::{error, info, warn};
 
 /// Per-op bytes counted in flight beyond the payload (header estimate).
 const OP_OVERHEAD_BYTES: u64 = 128;
-/// Most frames the sender takes from the queue per batch.
-const SEND_BATCH_FRAMES: usize = 256;
+/// Most chunks (a frame is one or two) the sender takes from the queue per
+/// batch.
+const SEND_BATCH_CHUNKS: usize = 256;
+/// Payloads up to this size are copied into their frame's first chunk; larger
+/// ones travel as a chunk of their own, never copied on the way to QUIC.
+const INLINE_PAYLOAD_BYTES: usize = 16 << 10;
 /// Most bytes the sender takes from the queue per batch.
 const SEND_BATCH_BYTES: usize = 4 << 20;
 /// How often the timer task runs: it sends operations nobody waits for yet
@@ -55,8 +60,9 @@ struct Waiter {
 
 struct Inner {
     core: ReplCore,
-    /// Encoded frames not yet handed to the sender task.
-    queue: VecDeque<Vec<u8>>,
+    /// Encoded frames not yet handed to the sender task, as chunks (a
+    /// frame's head, with its payload when small, then a large payload).
+    queue: VecDeque<Bytes>,
     /// Bytes in `queue`.
     queued_bytes: u64,
     /// The sender must send what is queued now (someone waits for it, or the
@@ -239,7 +245,18 @@ impl ReplClient {
 
     /// Enqueues one operation (see `Replicator::record`).
     pub fn record_op(&self, op: Op, payload: &[u8]) -> Seq {
-        let bytes = payload.len() as u64 + OP_OVERHEAD_BYTES;
+        self.record_payload(op, Payload::Borrowed(payload))
+    }
+
+    /// Enqueues one operation whose payload is kept as it is (see
+    /// `Replicator::record_owned`).
+    pub fn record_op_owned(&self, op: Op, payload: Bytes) -> Seq {
+        self.record_payload(op, Payload::Owned(payload))
+    }
+
+    fn record_payload(&self, op: Op, payload: Payload<'_>) -> Seq {
+        let payload_len = payload.len();
+        let bytes = payload_len as u64 + OP_OVERHEAD_BYTES;
         let mut g = self.lock();
         loop {
             let now = self.now_ms();
@@ -269,12 +286,13 @@ impl ReplClient {
         if is_barrier {
             g.last_barrier = seq;
         }
-        let recs = journal::records_for(&op, payload.len());
+        let recs = journal::records_for(&op, payload_len);
         match g.core.state() {
             LinkState::Replicating => {
-                let mut frame = Vec::with_capacity(payload.len() + 64);
+                let inline = payload_len <= INLINE_PAYLOAD_BYTES;
+                let mut head = Vec::with_capacity(if inline { payload_len + 64 } else { 64 });
                 let msg = ToMirror::Op { seq, op };
-                if let Err(e) = encode_frame(&msg, payload, &mut frame) {
+                if let Err(e) = encode_frame_head(&msg, payload_len, &mut head) {
                     // Only a bug can produce an unencodable op (sizes are
                     // bounded by the FUSE layer); never lose the change.
                     error!("cannot encode op {seq}: {e}; going degraded");
@@ -282,8 +300,16 @@ impl ReplClient {
                     self.go_degraded(&mut g, "unencodable operation");
                     return seq;
                 }
-                g.queued_bytes += frame.len() as u64;
-                g.queue.push_back(frame);
+                g.queued_bytes += (head.len() + payload_len) as u64;
+                if inline {
+                    head.extend_from_slice(payload.as_slice());
+                    g.queue.push_back(Bytes::from(head));
+                } else {
+                    g.queue.push_back(Bytes::from(head));
+                    if payload_len > 0 {
+                        g.queue.push_back(payload.into_bytes());
+                    }
+                }
                 g.unacked.push_back((seq, recs));
                 // Wake the sender only when someone waits for this operation
                 // or enough is queued (see LAZY_SEND_BYTES).
@@ -521,7 +547,7 @@ impl ReplClient {
     }
 
     async fn sender(self, mut writer: FrameWriter) {
-        let mut batch: Vec<u8> = Vec::with_capacity(SEND_BATCH_BYTES + (1 << 20));
+        let mut batch: Vec<Bytes> = Vec::with_capacity(SEND_BATCH_CHUNKS);
         loop {
             let notified = self.sh.wake_sender.notified();
             batch.clear();
@@ -529,12 +555,12 @@ impl ReplClient {
                 let mut g = self.lock();
                 if g.send_now || g.closing || g.queued_bytes >= LAZY_SEND_BYTES {
                     let mut n = 0;
-                    while n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
+                    while batch.len() < SEND_BATCH_CHUNKS && n < SEND_BATCH_BYTES {
                         match g.queue.pop_front() {
                             Some(f) => {
                                 g.queued_bytes -= f.len() as u64;
-                                batch.extend_from_slice(&f);
-                                n += 1;
+                                n += f.len();
+                                batch.push(f);
                             }
                             None => break,
                         }
@@ -556,7 +582,7 @@ impl ReplClient {
                 notified.await;
                 continue;
             }
-            if let Err(e) = writer.send_raw(&batch).await {
+            if let Err(e) = writer.send_chunks(&mut batch).await {
                 let mut g = self.lock();
                 self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
                 drop(g);
@@ -674,9 +700,36 @@ fn take_ready(waiters: &mut Vec<Waiter>, core: &ReplCore) -> Vec<Waiter> {
     ready
 }
 
+/// The data of an operation being recorded.
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Bytes),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(b) => b,
+        }
+    }
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Borrowed(b) => Bytes::copy_from_slice(b),
+            Payload::Owned(b) => b,
+        }
+    }
+}
+
 impl hapair_fs_replica::Replicator for ReplClient {
     fn record(&self, op: Op, payload: &[u8]) -> Seq {
         self.record_op(op, payload)
+    }
+    fn record_owned(&self, op: Op, payload: Bytes) -> Seq {
+        self.record_op_owned(op, payload)
     }
     fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
         ReplClient::after_mutation(self, seq)
