@@ -28,6 +28,7 @@
 //! looked up since the mount) is found again by scanning the backing tree
 //! before anything is recorded for it.
 
+use crate::direct::{self, BufPool};
 use crate::inode::{InodeTable, ROOT};
 use crate::sys::{self, R};
 use crate::Replicator;
@@ -44,7 +45,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -73,6 +74,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct FileH {
     fd: OwnedFd,
+    /// The same file open with O_DIRECT for large writes (see `direct`),
+    /// opened on the first one; None if that failed.
+    direct_fd: std::sync::OnceLock<Option<OwnedFd>>,
     ino: u64,
     /// Opened with O_APPEND (and no writeback cache): the filesystem places
     /// every write at the end of the file itself.
@@ -132,6 +136,10 @@ pub struct ReplicaFs {
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask
     /// to the filesystem (FUSE_DONT_MASK).
     pub(crate) posix_acl: bool,
+    /// Buffers for direct writes (see `direct`).
+    bufs: BufPool,
+    /// Cleared when the backing refused a direct write.
+    direct_ok: AtomicBool,
 }
 
 thread_local! {
@@ -310,6 +318,10 @@ impl Rec<'_> {
         self.last = Some(self.repl.record(op, payload));
         self.recorded.fetch_add(1, Ordering::SeqCst);
     }
+    fn record_owned(&mut self, op: Op, payload: bytes::Bytes) {
+        self.last = Some(self.repl.record_owned(op, payload));
+        self.recorded.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 fn join(parent: &RelPath, name: &[u8]) -> R<RelPath> {
@@ -346,6 +358,8 @@ impl ReplicaFs {
             durable: Arc::new(AtomicU64::new(0)),
             writeback_cache: false,
             posix_acl: false,
+            bufs: BufPool::default(),
+            direct_ok: AtomicBool::new(true),
         })
     }
 
@@ -942,6 +956,7 @@ impl ReplicaFs {
             fh,
             Arc::new(FileH {
                 fd: bfd,
+                direct_fd: Default::default(),
                 ino,
                 append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
                 sync: sync_mode(flags),
@@ -967,6 +982,7 @@ impl ReplicaFs {
             fh,
             Arc::new(FileH {
                 fd,
+                direct_fd: Default::default(),
                 ino,
                 append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
                 sync: sync_mode(flags),
@@ -1009,18 +1025,27 @@ impl ReplicaFs {
             } else {
                 offset
             };
-            let (n, err) = sys::pwrite_all(h.fd.as_fd(), data, off);
+            // A large block-aligned write goes to the disk directly, from
+            // a copy that the replicator then keeps as it is.
+            let direct = self.direct_write(&h, ifd.as_fd(), data, off);
+            let (n, err) = match &direct {
+                Some((n, err, _)) => (*n, *err),
+                None => sys::pwrite_all(h.fd.as_fd(), data, off),
+            };
             if n > 0 {
                 if let Some(path) = path {
                     let st = sys::fstat(h.fd.as_fd())?;
-                    rec.record(
-                        Op::Write {
-                            path,
-                            offset: off,
-                            mtime: mtime_of(&st),
-                        },
-                        &data[..n],
-                    );
+                    let op = Op::Write {
+                        path,
+                        offset: off,
+                        mtime: mtime_of(&st),
+                    };
+                    match direct {
+                        Some((_, _, buf)) => {
+                            rec.record_owned(op, bytes::Bytes::from_owner(buf).slice(..n))
+                        }
+                        None => rec.record(op, &data[..n]),
+                    }
                 }
             }
             (n, err)
@@ -1038,6 +1063,36 @@ impl ReplicaFs {
             seq: rec.last,
             sync: h.sync.map(|datasync| (h.clone(), datasync)),
         })
+    }
+
+    /// Writes `data` at `off` with O_DIRECT if it is eligible (see `direct`)
+    /// and the backing takes it: returns what `pwrite_all` returns, and the
+    /// aligned copy written from. None: write it through the page cache.
+    fn direct_write(
+        &self,
+        h: &FileH,
+        node_fd: BorrowedFd<'_>,
+        data: &[u8],
+        off: u64,
+    ) -> Option<(usize, Option<Errno>, direct::AlignedBuf)> {
+        if h.append || !self.direct_ok.load(Ordering::Relaxed) || !direct::eligible(data.len(), off)
+        {
+            return None;
+        }
+        let dfd = h
+            .direct_fd
+            .get_or_init(|| sys::reopen(node_fd, libc::O_WRONLY | libc::O_DIRECT).ok())
+            .as_ref()?;
+        let buf = self.bufs.copy_of(data);
+        let (n, err) = sys::pwrite_all(dfd.as_fd(), buf.as_ref(), off);
+        if n == 0 && err == Some(Errno::EINVAL) {
+            // The backing does not take direct writes of this shape: from
+            // now on everything goes through the page cache.
+            tracing::info!("the backing filesystem refuses direct writes; not using them");
+            self.direct_ok.store(false, Ordering::Relaxed);
+            return None;
+        }
+        Some((n, err, buf))
     }
 
     /// Clears set-user-id (and set-group-id when group-executable) as the

@@ -7,6 +7,7 @@
 //! path and every change it makes goes through this filesystem. See `fs.rs`
 //! for the locking rules and for what is (not) recorded for unlinked files.
 
+mod direct;
 mod fs;
 mod inode;
 mod sys;
