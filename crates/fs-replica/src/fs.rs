@@ -61,6 +61,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// with 1 s, when creating them takes longer than a second).
 const TTL: Duration = Duration::from_secs(60);
 
+/// The attribute the kernel asks for before every write (file capabilities).
+const XATTR_CAPS: &[u8] = b"security.capability";
+
 /// Most backing entries examined when searching for a lost hard link name.
 const SCAN_LIMIT_ENTRIES: u64 = 2_000_000;
 
@@ -1239,15 +1242,24 @@ impl ReplicaFs {
     }
 
     fn do_getxattr(&self, ino: u64, name: &OsStr, size: u32) -> R<Result<Vec<u8>, u32>> {
+        let caps = name.as_bytes() == XATTR_CAPS;
+        if caps && lock(&self.table).get(ino).is_some_and(|n| n.no_caps) {
+            return Err(Errno::ENODATA);
+        }
         let cn = sys::cname(name.as_bytes())?;
         let _ns = self.ns.read().unwrap_or_else(|e| e.into_inner());
         let (t, _keep) = self.xattr_target(ino)?;
+        let mut buf = vec![0u8; size as usize];
+        let r = sys::getxattr(&t, &cn, &mut buf);
+        if caps && r == Err(Errno::ENODATA) {
+            if let Some(n) = lock(&self.table).get_mut(ino) {
+                n.no_caps = true;
+            }
+        }
+        let n = r?;
         if size == 0 {
-            let n = sys::getxattr(&t, &cn, &mut [])?;
             return Ok(Err(n as u32));
         }
-        let mut buf = vec![0u8; size as usize];
-        let n = sys::getxattr(&t, &cn, &mut buf)?;
         buf.truncate(n);
         Ok(Ok(buf))
     }
@@ -1278,6 +1290,11 @@ impl ReplicaFs {
         {
             let _order = lock(&self.order);
             let (fd, _) = self.node(ino)?;
+            if name == XATTR_CAPS {
+                if let Some(n) = lock(&self.table).get_mut(ino) {
+                    n.no_caps = false;
+                }
+            }
             let path = self.record_path(ino, fd.as_fd())?;
             let (t, _keep) = self.xattr_target(ino)?;
             // Setting an access ACL may change the mode bits on the backing.
