@@ -37,6 +37,10 @@ pub(crate) struct Node {
     pub names: Vec<(u64, Vec<u8>)>,
     /// How many names of other entries have this entry as parent.
     pub nchildren: u64,
+    /// The object is known to have no `security.capability` attribute. The
+    /// kernel asks for it before every write; only a setxattr through the
+    /// mount can add one (it clears this), so the answer can come from here.
+    pub no_caps: bool,
 }
 
 pub(crate) struct InodeTable {
@@ -60,6 +64,7 @@ impl InodeTable {
                 lookups: 1,
                 names: Vec::new(),
                 nchildren: 0,
+                no_caps: false,
             },
         );
         let mut by_id = HashMap::new();
@@ -75,6 +80,10 @@ impl InodeTable {
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
         self.nodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
     }
 
     pub fn len(&self) -> usize {
@@ -135,6 +144,7 @@ impl InodeTable {
                         lookups: 0,
                         names: Vec::new(),
                         nchildren: 0,
+                        no_caps: false,
                     },
                 );
                 self.by_id.insert((st.st_dev, st.st_ino), ino);

@@ -7,6 +7,7 @@
 //! path and every change it makes goes through this filesystem. See `fs.rs`
 //! for the locking rules and for what is (not) recorded for unlinked files.
 
+mod direct;
 mod fs;
 mod inode;
 mod sys;
@@ -25,6 +26,11 @@ pub trait Replicator: Send + Sync + 'static {
     /// exact order the local effects happened. May block (backpressure).
     /// Returns the op's sequence number.
     fn record(&self, op: hapair_proto::Op, payload: &[u8]) -> hapair_proto::Seq;
+    /// [`Replicator::record`] with a payload the replicator may keep without
+    /// copying it (bulk writes). The default copies.
+    fn record_owned(&self, op: hapair_proto::Op, payload: bytes::Bytes) -> hapair_proto::Seq {
+        self.record(op, &payload)
+    }
     /// Called after the ordering lock is released, once per mutating FUSE
     /// call that recorded something, with the last seq that call recorded: in
     /// strict mode waits until the mirror applied it. Err(errno) is returned
@@ -35,7 +41,44 @@ pub trait Replicator: Send + Sync + 'static {
     /// AFTER the local fsync succeeded; returns when the mirror has made
     /// everything recorded so far durable (mode-dependent).
     fn durability_point(&self) -> Result<(), i32>;
+    /// A durability point around the local sync that it extends: `local` is
+    /// the backing filesystem's own fsync/fdatasync. Returns only when both
+    /// `local` and the durability point are done; `local`'s error comes
+    /// first. The default runs `local`, then [`Replicator::durability_point`].
+    /// An implementation may start the durability point before running
+    /// `local` (everything recorded so far is already covered), so that both
+    /// disks sync at the same time instead of one after the other.
+    fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        local()?;
+        self.durability_point()
+    }
+    /// [`Replicator::after_mutation`] without blocking the calling thread:
+    /// `done` receives the outcome once the call may return to the
+    /// application, exactly once, from any thread (possibly this one, before
+    /// this returns). The filesystem answers the kernel from `done`, so a
+    /// FUSE worker never waits for the network. The default blocks.
+    fn after_mutation_then(&self, seq: hapair_proto::Seq, done: Completion) {
+        done(self.after_mutation(seq))
+    }
+    /// [`Replicator::durability_point_around`] without blocking the calling
+    /// thread beyond `local` itself (which runs on it): `done` receives the
+    /// outcome, as for [`Replicator::after_mutation_then`]. The default
+    /// blocks.
+    fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        done(self.durability_point_around(local))
+    }
 }
+
+/// Receives the outcome (`Err(errno)` for the application) of a call that
+/// waited for the mirror. Called exactly once, from any thread.
+pub type Completion = Box<dyn FnOnce(Result<(), i32>) + Send + 'static>;
 
 /// How to mount.
 #[derive(Debug, Clone)]

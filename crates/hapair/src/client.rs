@@ -18,7 +18,9 @@
 //! durable the journal is cleared and the pipeline replicates.
 
 use crate::state::{StateDir, Status};
-use hapair_proto::{encode_frame, FromMirror, Op, Seq, ToMirror};
+use bytes::Bytes;
+use hapair_fs_replica::Completion;
+use hapair_proto::{encode_frame_head, FromMirror, Mode, Op, Seq, ToMirror};
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
 use hapair_transport::{FrameReader, FrameWriter};
@@ -31,15 +33,51 @@ use tracing::{error, info, warn};
 
 /// Per-op bytes counted in flight beyond the payload (header estimate).
 const OP_OVERHEAD_BYTES: u64 = 128;
-/// Most frames the sender takes from the queue per batch.
-const SEND_BATCH_FRAMES: usize = 256;
+/// Most chunks (a frame is one or two) the sender takes from the queue per
+/// batch.
+const SEND_BATCH_CHUNKS: usize = 256;
+/// Payloads up to this size are copied into their frame's first chunk; larger
+/// ones travel as a chunk of their own, never copied on the way to QUIC.
+const INLINE_PAYLOAD_BYTES: usize = 16 << 10;
 /// Most bytes the sender takes from the queue per batch.
 const SEND_BATCH_BYTES: usize = 4 << 20;
+/// How often the timer task runs: it sends operations nobody waits for yet
+/// (see `LAZY_SEND_BYTES`), answers waiters, checks the timeout.
+const TICK: Duration = Duration::from_millis(10);
+/// Operations nobody waits for (sync and async modes) do not wake the
+/// sender: they leave with the next one somebody waits for (a barrier), when
+/// this many bytes are queued, or at the next tick. A write and the fsync
+/// after it then travel, are applied and acknowledged together, and runs of
+/// small operations leave in batches, with one wake-up of each thread on the
+/// way instead of one per operation. The mirror's lag grows by at most a tick.
+const LAZY_SEND_BYTES: u64 = 256 << 10;
+/// Most FUSE requests waiting for the mirror without a thread each (see
+/// [`Waiter`]); beyond, callers block their FUSE worker as before. Each is
+/// an application thread blocked in a system call, so this is only reached
+/// by thousands of threads syncing at once.
+const MAX_WAITERS: usize = 4096;
+
+/// A FUSE request whose answer waits for the mirror. It is answered by the
+/// code that makes its condition true: the receiver on an acknowledgement,
+/// or the timer once the pipeline went degraded.
+struct Waiter {
+    w: WaitFor,
+    /// A durability point: if the pipeline went degraded instead, the
+    /// journal must be durable before the request is answered.
+    durability: bool,
+    done: Completion,
+}
 
 struct Inner {
     core: ReplCore,
-    /// Encoded frames not yet handed to the sender task.
-    queue: VecDeque<Vec<u8>>,
+    /// Encoded frames not yet handed to the sender task, as chunks (a
+    /// frame's head, with its payload when small, then a large payload).
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    queued_bytes: u64,
+    /// The sender must send what is queued now (someone waits for it, or the
+    /// tick came).
+    send_now: bool,
     /// What every not-yet-applied operation dirtied, in sequence order, so
     /// that it can be journaled if the mirror goes away.
     unacked: VecDeque<(Seq, Vec<DirtyRecord>)>,
@@ -58,6 +96,13 @@ struct Inner {
     /// Under the supervisor, a completed resync ends the permission to go
     /// on alone (the supervisor grants it again when the peer is lost).
     supervised: bool,
+    /// Requests answered when their condition holds (an acknowledgement, a
+    /// permission to go on alone, a completed resync) or failed when the
+    /// client is aborted. At most `MAX_WAITERS`.
+    waiters: Vec<Waiter>,
+    /// Sequence number of the last barrier recorded (0: none): a durability
+    /// point with nothing recorded since reuses it instead of adding one.
+    last_barrier: Seq,
 }
 
 pub struct Shared {
@@ -149,6 +194,8 @@ impl ReplClient {
                 inner: Mutex::new(Inner {
                     core,
                     queue: VecDeque::new(),
+                    queued_bytes: 0,
+                    send_now: false,
                     unacked: VecDeque::new(),
                     journal,
                     journal_records: 0,
@@ -157,6 +204,8 @@ impl ReplClient {
                     closing: false,
                     aborted: false,
                     supervised,
+                    waiters: Vec::new(),
+                    last_barrier: 0,
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
@@ -208,6 +257,7 @@ impl ReplClient {
         g.core.set_alone_allowed(allowed);
         drop(g);
         self.sh.cond.notify_all();
+        self.complete_ready();
         self.write_status();
     }
 
@@ -219,8 +269,12 @@ impl ReplClient {
         if g.core.state() != LinkState::Degraded {
             self.go_degraded(&mut g, "aborted");
         }
+        let failed = std::mem::take(&mut g.waiters);
         drop(g);
         self.sh.cond.notify_all();
+        for w in failed {
+            (w.done)(Err(libc::EIO));
+        }
     }
 
     /// Ends the current session with the mirror, if any (everything not yet
@@ -263,6 +317,8 @@ impl ReplClient {
             "mirror lost: continuing without it, journaling changes for the resync"
         );
         g.queue.clear();
+        g.queued_bytes = 0;
+        g.send_now = false;
         if let Some(c) = g.connection.take() {
             c.close(1u32.into(), b"degraded");
         }
@@ -312,22 +368,43 @@ impl ReplClient {
 
     /// Enqueues one operation (see `Replicator::record`).
     pub fn record_op(&self, op: Op, payload: &[u8]) -> Seq {
-        let bytes = payload.len() as u64 + OP_OVERHEAD_BYTES;
+        self.record_payload(op, Payload::Borrowed(payload))
+    }
+
+    /// Enqueues one operation whose payload is kept as it is (see
+    /// `Replicator::record_owned`).
+    pub fn record_op_owned(&self, op: Op, payload: Bytes) -> Seq {
+        self.record_payload(op, Payload::Owned(payload))
+    }
+
+    fn record_payload(&self, op: Op, payload: Payload<'_>) -> Seq {
+        let payload_len = payload.len();
+        let bytes = payload_len as u64 + OP_OVERHEAD_BYTES;
         let mut g = self.lock();
         loop {
             let now = self.now_ms();
             if g.core.admit(bytes, now) == Admit::Yes {
                 break;
             }
+            // Waiting for acknowledgements: what is queued must leave first.
+            if !g.send_now && !g.queue.is_empty() {
+                g.send_now = true;
+                self.sh.wake_sender.notify_one();
+            }
             g = self.tick_or_wait(g, 10);
         }
         let seq = g.core.push(bytes, self.now_ms());
-        let recs = journal::records_for(&op, payload.len());
+        let is_barrier = matches!(op, Op::Barrier);
+        if is_barrier {
+            g.last_barrier = seq;
+        }
+        let recs = journal::records_for(&op, payload_len);
         match g.core.state() {
             LinkState::Replicating | LinkState::Resyncing => {
-                let mut frame = Vec::with_capacity(payload.len() + 64);
+                let inline = payload_len <= INLINE_PAYLOAD_BYTES;
+                let mut head = Vec::with_capacity(if inline { payload_len + 64 } else { 64 });
                 let msg = ToMirror::Op { seq, op };
-                if let Err(e) = encode_frame(&msg, payload, &mut frame) {
+                if let Err(e) = encode_frame_head(&msg, payload_len, &mut head) {
                     // Only a bug can produce an unencodable op (sizes are
                     // bounded by the FUSE layer); never lose the change.
                     error!("cannot encode op {seq}: {e}; going degraded");
@@ -335,10 +412,27 @@ impl ReplClient {
                     self.go_degraded(&mut g, "unencodable operation");
                     return seq;
                 }
-                g.queue.push_back(frame);
+                g.queued_bytes += (head.len() + payload_len) as u64;
+                if inline {
+                    head.extend_from_slice(payload.as_slice());
+                    g.queue.push_back(Bytes::from(head));
+                } else {
+                    g.queue.push_back(Bytes::from(head));
+                    if payload_len > 0 {
+                        g.queue.push_back(payload.into_bytes());
+                    }
+                }
                 g.unacked.push_back((seq, recs));
+                // Wake the sender only when someone waits for this operation
+                // or enough is queued (see LAZY_SEND_BYTES).
+                let wake = is_barrier
+                    || g.core.config().mode == Mode::Strict
+                    || g.queued_bytes >= LAZY_SEND_BYTES;
+                g.send_now |= wake;
                 drop(g);
-                self.sh.wake_sender.notify_one();
+                if wake {
+                    self.sh.wake_sender.notify_one();
+                }
             }
             LinkState::Degraded => {
                 let _ = self.journal_append(&mut g, &recs);
@@ -396,45 +490,84 @@ impl ReplClient {
         self.wait(w)
     }
 
+    /// `after_mutation` answered through `done` (see
+    /// `Replicator::after_mutation_then`): the FUSE worker does not block.
+    pub fn after_mutation_then(&self, seq: Seq, done: Completion) {
+        let w = {
+            let mut g = self.lock();
+            if g.aborted {
+                drop(g);
+                return done(Err(libc::EIO));
+            }
+            let w = g.core.wait_after_mutation(seq);
+            if !g.core.satisfied(w) && g.waiters.len() < MAX_WAITERS {
+                g.waiters.push(Waiter {
+                    w,
+                    durability: false,
+                    done,
+                });
+                return;
+            }
+            w
+        };
+        done(self.wait(w))
+    }
+
     /// A durability point: a barrier, then wait until the mirror made it
     /// durable (sync and strict modes). Without the mirror, the journal is
     /// made durable instead, once the client may go on alone (a held
     /// supervised client waits for the permission or for its resync).
     pub fn durability_point(&self) -> Result<(), i32> {
-        self.barrier(false)
+        self.durability_point_around(&mut || Ok(()))
     }
 
-    /// A barrier, then (when the mode asks for it, or `always_wait`) the
-    /// wait until the mirror made it durable; see `durability_point`.
-    fn barrier(&self, always_wait: bool) -> Result<(), i32> {
-        loop {
-            let (state, allowed) = {
-                let g = self.lock();
-                if g.aborted {
-                    return Err(libc::EIO);
+    /// What a durability point does, given the pipeline's state: wait for
+    /// the mirror to make a barrier durable (recording one unless the last
+    /// one still covers everything: concurrent durability points then share
+    /// it), make the journal durable (going on alone), wait for the
+    /// supervisor (held), or fail (aborted).
+    fn plan_durability(&self) -> Durability {
+        let g = self.lock();
+        if g.aborted {
+            return Durability::Fail;
+        }
+        match g.core.state() {
+            LinkState::Replicating => {
+                if g.last_barrier != 0 && g.last_barrier == g.core.last_seq() {
+                    return Durability::Mirror(g.last_barrier);
                 }
-                (g.core.state(), g.core.alone_allowed())
-            };
-            match state {
-                LinkState::Replicating => {
-                    let seq = self.record_op(Op::Barrier, &[]);
+                drop(g);
+                Durability::Mirror(self.record_op(Op::Barrier, &[]))
+            }
+            LinkState::Degraded | LinkState::Resyncing if g.core.alone_allowed() => {
+                Durability::Journal
+            }
+            LinkState::Degraded | LinkState::Resyncing => Durability::Hold,
+        }
+    }
+
+    /// Carries a durability point through to its end (blocking).
+    /// `always_wait`: wait for the mirror even in async mode (unmount).
+    fn finish_durability(&self, mut plan: Durability, always_wait: bool) -> Result<(), i32> {
+        loop {
+            match plan {
+                Durability::Fail => return Err(libc::EIO),
+                Durability::Journal => return self.sync_journal(),
+                Durability::Mirror(seq) => {
                     let w = if always_wait {
                         WaitFor::Durable(seq)
                     } else {
                         self.lock().core.wait_for_durability(seq)
                     };
                     self.wait(w)?;
-                    // Lost the mirror while waiting and held: go round again
-                    // (the journal or the next session covers the barrier).
                     let g = self.lock();
                     if g.core.state() == LinkState::Replicating || g.core.durable() >= seq {
                         return Ok(());
                     }
+                    // The mirror went away while we waited: the journal or
+                    // the next session covers the barrier.
                 }
-                LinkState::Degraded | LinkState::Resyncing if allowed => {
-                    return self.sync_journal();
-                }
-                LinkState::Degraded | LinkState::Resyncing => {
+                Durability::Hold => {
                     // Held: wait for a state or permission change.
                     let g = self.lock();
                     let _ = self
@@ -444,9 +577,54 @@ impl ReplClient {
                         .unwrap_or_else(|p| p.into_inner());
                 }
             }
+            plan = self.plan_durability();
         }
     }
 
+    /// A durability point around a local sync (see
+    /// `Replicator::durability_point_around`): the barrier is sent first, so
+    /// that the mirror syncs its disk while `local` syncs ours; then waits
+    /// for the mirror. The barrier covers everything recorded before it,
+    /// which includes every change the local sync covers.
+    pub fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        let plan = self.plan_durability();
+        local()?;
+        self.finish_durability(plan, false)
+    }
+
+    /// `durability_point_around` answered through `done` (see
+    /// `Replicator::durability_point_around_then`): `local` runs on the
+    /// calling thread; the wait for the mirror does not block it (except a
+    /// held client's, which is rare and waits for the supervisor).
+    pub fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        let plan = self.plan_durability();
+        if let Err(e) = local() {
+            return done(Err(e));
+        }
+        if let Durability::Mirror(seq) = plan {
+            let mut g = self.lock();
+            let w = g.core.wait_for_durability(seq);
+            if !g.aborted && !g.core.satisfied(w) && g.waiters.len() < MAX_WAITERS {
+                g.waiters.push(Waiter {
+                    w,
+                    durability: true,
+                    done,
+                });
+                return;
+            }
+        }
+        done(self.finish_durability(plan, false))
+    }
+
+    /// Makes the journal durable, if there is one (what a durability point
+    /// relies on without the mirror).
     fn sync_journal(&self) -> Result<(), i32> {
         let g = self.lock();
         if let Some(f) = g.journal.as_ref() {
@@ -456,6 +634,41 @@ impl ReplClient {
             })?;
         }
         Ok(())
+    }
+
+    /// Answers every waiting request whose condition now holds (an
+    /// acknowledgement arrived, or the pipeline may go on alone: then the
+    /// durability points among them are answered once the journal is
+    /// durable). The answers are sent with no lock held.
+    fn complete_ready(&self) {
+        let (ready, journal_result) = {
+            let mut g = self.lock();
+            if g.waiters.is_empty() {
+                return;
+            }
+            let inner = &mut *g;
+            let ready = take_ready(&mut inner.waiters, &inner.core);
+            if ready.is_empty() {
+                return;
+            }
+            let mut journal_result = Ok(());
+            if g.core.state() != LinkState::Replicating && ready.iter().any(|w| w.durability) {
+                if g.core.state() == LinkState::Degraded && g.journal.is_none() {
+                    self.go_degraded(&mut g, "degraded");
+                }
+                journal_result = match g.journal.as_ref() {
+                    Some(f) => f.sync_data().map_err(|e| {
+                        error!("journal fsync failed: {e}");
+                        libc::EIO
+                    }),
+                    None => Ok(()),
+                };
+            }
+            (ready, journal_result)
+        };
+        for w in ready {
+            (w.done)(if w.durability { journal_result } else { Ok(()) });
+        }
     }
 
     /// Joins the mirror over a handshaken stream whose hello announced
@@ -496,6 +709,8 @@ impl ReplClient {
             g.session += 1;
             g.connection = Some(conn);
             g.queue.clear();
+            g.queued_bytes = 0;
+            g.send_now = false;
             g.unacked.clear();
             g.session
         };
@@ -534,6 +749,8 @@ impl ReplClient {
             }
         }
         self.sh.cond.notify_all();
+        // Requests held for the resync are answered now (or by the journal).
+        self.complete_ready();
         self.write_status();
         result
     }
@@ -544,13 +761,16 @@ impl ReplClient {
     pub fn shutdown(&self) -> bool {
         if self.link_state() == LinkState::Replicating {
             // In every mode, async included: writes stop here, and the
-            // mirror must catch up before the process exits (the wait is
-            // bounded by the timeout, after which the journal keeps what it
-            // lacks).
-            let _ = self.barrier(true);
-        } else {
-            let _ = self.sync_journal();
+            // mirror must catch up before the process exits. Bounded by the
+            // replication timeout, and never held: if the mirror goes away
+            // meanwhile, the journal keeps what it lacks.
+            let seq = self.record_op(Op::Barrier, &[]);
+            let mut g = self.lock();
+            while g.core.state() == LinkState::Replicating && g.core.durable() < seq {
+                g = self.tick_or_wait(g, 50);
+            }
         }
+        let _ = self.sync_journal();
         let mut g = self.lock();
         let clean =
             g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
@@ -586,21 +806,27 @@ impl ReplClient {
     }
 
     async fn sender(self, mut writer: FrameWriter, session: u64) {
-        let mut batch: Vec<u8> = Vec::with_capacity(SEND_BATCH_BYTES + (1 << 20));
+        let mut batch: Vec<Bytes> = Vec::with_capacity(SEND_BATCH_CHUNKS);
         loop {
             let notified = self.sh.wake_sender.notified();
             batch.clear();
             let (live, closing) = {
                 let mut g = self.lock();
                 let live = Self::session_live(&g, session);
-                let mut n = 0;
-                while live && n < SEND_BATCH_FRAMES && batch.len() < SEND_BATCH_BYTES {
-                    match g.queue.pop_front() {
-                        Some(f) => {
-                            batch.extend_from_slice(&f);
-                            n += 1;
+                if live && (g.send_now || g.closing || g.queued_bytes >= LAZY_SEND_BYTES) {
+                    let mut n = 0;
+                    while batch.len() < SEND_BATCH_CHUNKS && n < SEND_BATCH_BYTES {
+                        match g.queue.pop_front() {
+                            Some(f) => {
+                                g.queued_bytes -= f.len() as u64;
+                                n += f.len();
+                                batch.push(f);
+                            }
+                            None => break,
                         }
-                        None => break,
+                    }
+                    if g.queue.is_empty() {
+                        g.send_now = false;
                     }
                 }
                 (live, g.closing)
@@ -616,12 +842,13 @@ impl ReplClient {
                 notified.await;
                 continue;
             }
-            if let Err(e) = writer.send_raw(&batch).await {
+            if let Err(e) = writer.send_chunks(&mut batch).await {
                 let mut g = self.lock();
                 if g.session == session {
                     self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
                 }
                 drop(g);
+                self.complete_ready();
                 self.write_status();
                 return;
             }
@@ -651,11 +878,14 @@ impl ReplClient {
                                 g.unacked.pop_front();
                             }
                             self.sh.cond.notify_all();
+                            drop(g);
+                            self.complete_ready();
                         }
                         Err(e) => {
                             let r = format!("mirror sent an impossible ack: {e}");
                             self.go_degraded(&mut g, &r);
                             drop(g);
+                            self.complete_ready();
                             self.write_status();
                             return;
                         }
@@ -679,15 +909,21 @@ impl ReplClient {
         }
         self.go_degraded(&mut g, &reason);
         drop(g);
+        self.complete_ready();
         self.write_status();
     }
 
     async fn timer(self) {
         let mut last_status = Instant::now();
         loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(TICK).await;
             let (degraded_now, closing) = {
                 let mut g = self.lock();
+                if !g.queue.is_empty() && !g.send_now {
+                    // Operations nobody waited for: their tick came.
+                    g.send_now = true;
+                    self.sh.wake_sender.notify_one();
+                }
                 let now = self.now_ms();
                 let d = g.core.tick(now);
                 if d {
@@ -696,6 +932,10 @@ impl ReplClient {
                 }
                 (d, g.closing)
             };
+            // Waiters whose condition became true elsewhere (the pipeline
+            // went degraded in a FUSE thread, say) are answered here at the
+            // latest.
+            self.complete_ready();
             if degraded_now || last_status.elapsed() >= Duration::from_secs(1) {
                 self.write_status();
                 last_status = Instant::now();
@@ -713,6 +953,49 @@ impl ReplClient {
     }
 }
 
+/// Removes and returns the waiters whose own condition holds now (every one
+/// once the pipeline may go on alone without the mirror).
+fn take_ready(waiters: &mut Vec<Waiter>, core: &ReplCore) -> Vec<Waiter> {
+    let (ready, rest): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|w| core.satisfied(w.w));
+    *waiters = rest;
+    ready
+}
+
+/// What a durability point has to do (see `ReplClient::plan_durability`).
+#[derive(Clone, Copy, Debug)]
+enum Durability {
+    Mirror(Seq),
+    Journal,
+    Hold,
+    Fail,
+}
+
+/// The data of an operation being recorded.
+enum Payload<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Bytes),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Borrowed(b) => b,
+            Payload::Owned(b) => b,
+        }
+    }
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Borrowed(b) => Bytes::copy_from_slice(b),
+            Payload::Owned(b) => b,
+        }
+    }
+}
+
 pub fn state_name(s: LinkState) -> &'static str {
     match s {
         LinkState::Replicating => "replicating",
@@ -725,10 +1008,107 @@ impl hapair_fs_replica::Replicator for ReplClient {
     fn record(&self, op: Op, payload: &[u8]) -> Seq {
         self.record_op(op, payload)
     }
+    fn record_owned(&self, op: Op, payload: Bytes) -> Seq {
+        self.record_op_owned(op, payload)
+    }
     fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
         ReplClient::after_mutation(self, seq)
     }
     fn durability_point(&self) -> Result<(), i32> {
         ReplClient::durability_point(self)
+    }
+    fn durability_point_around(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+    ) -> Result<(), i32> {
+        ReplClient::durability_point_around(self, local)
+    }
+    fn after_mutation_then(&self, seq: Seq, done: Completion) {
+        ReplClient::after_mutation_then(self, seq, done)
+    }
+    fn durability_point_around_then(
+        &self,
+        local: &mut dyn FnMut() -> Result<(), i32>,
+        done: Completion,
+    ) {
+        ReplClient::durability_point_around_then(self, local, done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn waiter(w: WaitFor, durability: bool, hits: &Arc<AtomicU32>) -> Waiter {
+        let hits = hits.clone();
+        Waiter {
+            w,
+            durability,
+            done: Box::new(move |_| {
+                hits.fetch_add(1, Ordering::SeqCst);
+            }),
+        }
+    }
+
+    fn fire(ready: Vec<Waiter>) -> Vec<WaitFor> {
+        ready
+            .into_iter()
+            .map(|w| {
+                (w.done)(Ok(()));
+                w.w
+            })
+            .collect()
+    }
+
+    /// Each waiting request is answered by the first acknowledgement that
+    /// covers its own condition, not earlier (not by any acknowledgement, nor
+    /// by one covering another request), and exactly once.
+    #[test]
+    fn waiters_complete_on_their_own_condition_only() {
+        let mut core = ReplCore::new(CoreConfig::default());
+        for _ in 0..6 {
+            core.push(10, 0);
+        }
+        let hits: Vec<Arc<AtomicU32>> = (0..4).map(|_| Arc::new(AtomicU32::new(0))).collect();
+        let mut ws = vec![
+            waiter(WaitFor::Durable(2), true, &hits[0]),
+            waiter(WaitFor::Applied(4), false, &hits[1]),
+            waiter(WaitFor::Durable(5), true, &hits[2]),
+            waiter(WaitFor::Applied(1), false, &hits[3]),
+        ];
+        assert!(fire(take_ready(&mut ws, &core)).is_empty());
+        core.on_ack(4, 1).unwrap();
+        assert_eq!(
+            fire(take_ready(&mut ws, &core)),
+            vec![WaitFor::Applied(4), WaitFor::Applied(1)]
+        );
+        core.on_ack(5, 2).unwrap();
+        assert_eq!(fire(take_ready(&mut ws, &core)), vec![WaitFor::Durable(2)]);
+        core.on_ack(5, 4).unwrap();
+        assert!(fire(take_ready(&mut ws, &core)).is_empty());
+        core.on_ack(6, 6).unwrap();
+        assert_eq!(fire(take_ready(&mut ws, &core)), vec![WaitFor::Durable(5)]);
+        assert!(ws.is_empty());
+        for h in &hits {
+            assert_eq!(h.load(Ordering::SeqCst), 1, "answered exactly once");
+        }
+    }
+
+    /// When the pipeline goes degraded, every waiter is released (the
+    /// caller relies on the journal instead).
+    #[test]
+    fn degraded_releases_every_waiter() {
+        let mut core = ReplCore::new(CoreConfig::default());
+        core.push(10, 0);
+        let hits = Arc::new(AtomicU32::new(0));
+        let mut ws = vec![
+            waiter(WaitFor::Durable(1), true, &hits),
+            waiter(WaitFor::Applied(1), false, &hits),
+        ];
+        assert!(take_ready(&mut ws, &core).is_empty());
+        core.degrade("test".into());
+        assert_eq!(fire(take_ready(&mut ws, &core)).len(), 2);
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
     }
 }

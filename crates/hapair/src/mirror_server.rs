@@ -28,6 +28,11 @@ const ACK_EVERY_OPS: u64 = 256;
 /// Longest wait, at the end of a session, for the peer to receive the last
 /// frames.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Group commit: at a barrier, the applier first applies at most this many
+/// operations (and bytes) already queued behind it, then syncs once for all
+/// of them (see `apply_loop`).
+const GROUP_COMMIT_OPS: usize = 256;
+const GROUP_COMMIT_BYTES: usize = 16 << 20;
 
 enum Work {
     Manifest { hash: bool },
@@ -320,7 +325,9 @@ fn apply_loop(
     base: Seq,
 ) {
     let (mut applied, mut durable, mut acked) = (base, base, base);
-    while let Some(w) = work.blocking_recv() {
+    // Work taken from the queue by a group commit but not applied by it.
+    let mut pending: Option<Work> = None;
+    while let Some(w) = pending.take().or_else(|| work.blocking_recv()) {
         match w {
             Work::Manifest { hash } => {
                 let mut sink = |entries: Vec<hapair_proto::ManifestEntry>| -> anyhow::Result<()> {
@@ -344,29 +351,67 @@ fn apply_loop(
                 let _ = out.blocking_send(msg);
             }
             Work::Op { seq, op, payload } => {
-                let is_barrier = matches!(op, Op::Barrier);
-                if let Err(e) = applier.apply(&op, &payload) {
-                    error!(seq, "cannot apply {}: {e}", op.name());
-                    let _ = acks.send((applied, durable));
-                    let _ = out.blocking_send(FromMirror::Failed {
-                        seq,
-                        errno: e.errno(),
-                        reason: e.to_string(),
-                    });
-                    return;
+                if !matches!(op, Op::Barrier) {
+                    if let Err(e) = applier.apply(&op, &payload) {
+                        return fail(seq, &op, e, &acks, &out, (applied, durable));
+                    }
+                    applied = seq;
+                    if work.is_empty() || applied - acked >= ACK_EVERY_OPS {
+                        let _ = acks.send((applied, durable));
+                        acked = applied;
+                    }
+                    continue;
                 }
+                // Group commit: concurrent durability points arrive as
+                // barriers close together. Apply what is already queued
+                // behind this one (bounded), then sync once: the sync covers
+                // every operation applied so far, so all of them, and every
+                // barrier among them, are durable.
                 applied = seq;
-                if is_barrier {
-                    durable = seq;
+                let (mut n, mut bytes) = (0, 0);
+                while n < GROUP_COMMIT_OPS && bytes < GROUP_COMMIT_BYTES {
+                    let Ok(next) = work.try_recv() else { break };
+                    let Work::Op { seq, op, payload } = next else {
+                        pending = Some(next);
+                        break;
+                    };
+                    if !matches!(op, Op::Barrier) {
+                        if let Err(e) = applier.apply(&op, &payload) {
+                            return fail(seq, &op, e, &acks, &out, (applied, durable));
+                        }
+                    }
+                    applied = seq;
+                    n += 1;
+                    bytes += payload.len();
                 }
-                if is_barrier || work.is_empty() || applied - acked >= ACK_EVERY_OPS {
-                    let _ = acks.send((applied, durable));
-                    acked = applied;
+                if let Err(e) = applier.make_durable() {
+                    return fail(applied, &Op::Barrier, e, &acks, &out, (applied, durable));
                 }
+                durable = applied;
+                let _ = acks.send((applied, durable));
+                acked = applied;
             }
         }
     }
     let _ = acks.send((applied, durable));
+}
+
+/// Reports an operation the applier could not apply; the session ends.
+fn fail(
+    seq: Seq,
+    op: &Op,
+    e: hapair_mirror::ApplyError,
+    acks: &watch::Sender<(Seq, Seq)>,
+    out: &mpsc::Sender<FromMirror>,
+    acked: (Seq, Seq),
+) {
+    error!(seq, "cannot apply {}: {e}", op.name());
+    let _ = acks.send(acked);
+    let _ = out.blocking_send(FromMirror::Failed {
+        seq,
+        errno: e.errno(),
+        reason: e.to_string(),
+    });
 }
 
 async fn write_loop(

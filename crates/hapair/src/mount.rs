@@ -219,8 +219,13 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     let backing_path = a.backing.clone().unwrap_or_else(|| a.dir.clone());
     let backing = crate::mirror_server::open_dir(&backing_path)?;
     let state = StateDir::open(&a.state_dir)?;
+    // One network thread: the QUIC driver, the sender and the receiver
+    // then wake each other on one core, with no cross-thread wake-ups on
+    // the acknowledgement path (measured on a 2-core machine: 4 KiB
+    // write+fsync from about 840 to 1,200 IOPS). Blocking work goes to
+    // spawn_blocking threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .thread_name("hapair-net")
         .build()

@@ -314,6 +314,25 @@ pub fn pwrite_all(fd: RawFd, mut data: &[u8], mut off: u64) -> Result<(), SysErr
     Ok(())
 }
 
+/// Sets or clears O_DIRECT on an open file.
+pub fn set_direct(fd: RawFd, on: bool) -> Result<(), SysError> {
+    // SAFETY: plain fcntl calls on a valid fd.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) }, "fcntl F_GETFL")?;
+    let new = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    if new != flags {
+        // SAFETY: as above.
+        check(
+            unsafe { libc::fcntl(fd, libc::F_SETFL, new) },
+            "fcntl F_SETFL",
+        )?;
+    }
+    Ok(())
+}
+
 pub fn ftruncate(fd: RawFd, size: u64) -> Result<(), SysError> {
     // SAFETY: valid fd.
     check(unsafe { libc::ftruncate(fd, size as i64) }, "ftruncate")?;

@@ -562,6 +562,20 @@ pub fn encode_frame<H: Serialize>(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), ProtoError> {
+    encode_frame_head(header, payload.len(), out)?;
+    out.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Encodes the beginning of a frame into `out` (appending): the lengths and
+/// the header of a frame whose `payload_len` payload bytes the caller sends
+/// right after, from its own buffer (so that bulk data need not be copied
+/// into the frame). Fails as [`encode_frame`] does.
+pub fn encode_frame_head<H: Serialize>(
+    header: &H,
+    payload_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; 8]);
     let header_bytes =
@@ -570,13 +584,12 @@ pub fn encode_frame<H: Serialize>(
         out.truncate(start);
         return Err(ProtoError::BadHeaderLength(header_bytes.len()));
     }
-    let total = 4 + header_bytes.len() + payload.len();
+    let total = 4 + header_bytes.len() + payload_len;
     if total > MAX_FRAME_BYTES {
         out.truncate(start);
         return Err(ProtoError::FrameTooLarge(total));
     }
     out.extend_from_slice(&header_bytes);
-    out.extend_from_slice(payload);
     out[start..start + 4].copy_from_slice(&(total as u32).to_be_bytes());
     out[start + 4..start + 8].copy_from_slice(&(header_bytes.len() as u32).to_be_bytes());
     Ok(())

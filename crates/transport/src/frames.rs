@@ -44,6 +44,17 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Writes already-encoded frames given as chunks (see
+    /// [`hapair_proto::encode_frame_head`]) without copying them: the stream
+    /// keeps references to the chunks until the peer acknowledged them.
+    pub async fn send_chunks(&mut self, chunks: &mut [bytes::Bytes]) -> Result<()> {
+        self.stream
+            .write_all_chunks(chunks)
+            .await
+            .context("cannot write frames to the stream")?;
+        Ok(())
+    }
+
     /// Marks the end of the stream. Data written so far is still delivered
     /// as long as the connection stays open; this does not wait for the peer.
     pub async fn finish(mut self) -> Result<()> {
