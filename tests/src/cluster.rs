@@ -35,6 +35,9 @@ pub struct ClusterOpts {
     pub preferred: Option<String>,
     /// Appended to the configuration.
     pub extra: String,
+    /// A second network (its own switch, 10.78.0.0/24) between the two
+    /// nodes, used for heartbeats only.
+    pub second_net: bool,
 }
 
 impl Default for ClusterOpts {
@@ -47,6 +50,7 @@ impl Default for ClusterOpts {
             restart_budget: 3,
             preferred: None,
             extra: String::new(),
+            second_net: false,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Cluster {
     pub wns: Netns,
     pub cns: Netns,
     pub sw: Netns,
+    /// The switch of the second network, if configured.
+    pub sw2: Option<Netns>,
     pub opts: ClusterOpts,
     pub cfg: PathBuf,
     pub data: [PathBuf; 2],
@@ -129,6 +135,25 @@ impl Cluster {
         let n2 = mk("n2", "10.77.0.2");
         let wns = mk("w", "10.77.0.3");
         let cns = mk("c", "10.77.0.10");
+        let sw2 = opts.second_net.then(|| {
+            let sw2 = Netns::new("hct");
+            sw2.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
+            sw2.exec_ok(&["ip", "link", "set", "br0", "up"]);
+            for (ns, role, addr) in [(&n1, "n1", "10.78.0.1"), (&n2, "n2", "10.78.0.2")] {
+                let tag = crate::env::unique_tag();
+                let (a, b) = (format!("hcx{tag}"), format!("hcy{tag}"));
+                ip_ok(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+                ip_ok(&["link", "set", &a, "netns", ns.name()]);
+                ip_ok(&["link", "set", &b, "netns", sw2.name()]);
+                ns.exec_ok(&["ip", "link", "set", &a, "name", "eth1"]);
+                let port = format!("p-{role}");
+                sw2.exec_ok(&["ip", "link", "set", &b, "name", &port]);
+                sw2.exec_ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
+                ns.exec_ok(&["ip", "addr", "add", &format!("{addr}/24"), "dev", "eth1"]);
+                ns.exec_ok(&["ip", "link", "set", "eth1", "up"]);
+            }
+            sw2
+        });
         let tls = tmp.join("tls");
         let o = Command::new(&bin)
             .args(["tls", "init"])
@@ -155,6 +180,7 @@ impl Cluster {
             wns,
             cns,
             sw,
+            sw2,
             opts,
             cfg,
             data,
@@ -178,13 +204,13 @@ tls_dir = "tls"
 [[node]]
 name = "n1"
 address = "10.77.0.1"
-dirs = ["{d1}"]
+{h1}dirs = ["{d1}"]
 state_dir = "{s1}"
 
 [[node]]
 name = "n2"
 address = "10.77.0.2"
-dirs = ["{d2}"]
+{h2}dirs = ["{d2}"]
 state_dir = "{s2}"
 
 [replication]
@@ -210,6 +236,16 @@ restart_window_ms = 600000
             iv = o.interval_ms,
             to = o.timeout_ms,
             rb = o.restart_budget,
+            h1 = if o.second_net {
+                "heartbeat = [\"10.77.0.1\", \"10.78.0.1\"]\n"
+            } else {
+                ""
+            },
+            h2 = if o.second_net {
+                "heartbeat = [\"10.77.0.2\", \"10.78.0.2\"]\n"
+            } else {
+                ""
+            },
         );
         if let Some(p) = &o.preferred {
             t += &format!("preferred = \"{p}\"\n");
@@ -400,6 +436,21 @@ failures = 2
     /// Takes node `i`'s link to the switch down (or up again): a cable cut.
     pub fn cut(&self, i: usize, cut: bool) {
         self.sw.exec_ok(&[
+            "ip",
+            "link",
+            "set",
+            &format!("p-{}", NODES[i]),
+            if cut { "down" } else { "up" },
+        ]);
+    }
+
+    /// Cuts (or restores) node `i`'s link to the second network.
+    pub fn cut_second(&self, i: usize, cut: bool) {
+        let sw2 = self
+            .sw2
+            .as_ref()
+            .unwrap_or_else(|| panic!("no second network"));
+        sw2.exec_ok(&[
             "ip",
             "link",
             "set",

@@ -664,3 +664,61 @@ fn a_failing_checker_restarts_the_application_then_fails_over() {
     let s0 = c.wait_status(0, SETTLE, "not serving", |v| v["app"]["state"] == "down");
     eprintln!("n1 after the failover: {} — {}", s0["state"], s0["detail"]);
 }
+
+/// Heartbeats go over every configured network: losing one network is not
+/// losing the peer. The heartbeat-only network cut changes nothing; the
+/// main network cut (replication and VIP) makes the primary serve alone,
+/// but the secondary never takes over while it still hears the primary.
+#[test]
+fn redundant_heartbeat_networks_survive_the_loss_of_one() {
+    let _s = env::serial();
+    let mut c = started(
+        "ha-2nets",
+        ClusterOpts {
+            second_net: true,
+            ..Default::default()
+        },
+    );
+    let transitions = |c: &mut Cluster, i: usize| {
+        c.status(i)
+            .ok()
+            .and_then(|v| v["transitions"].as_array().map(|t| t.len()))
+            .unwrap_or(0)
+    };
+    let before = (transitions(&mut c, 0), transitions(&mut c, 1));
+    c.cut_second(0, true);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        (transitions(&mut c, 0), transitions(&mut c, 1)),
+        before,
+        "a heartbeat network cut changed states"
+    );
+    assert_eq!(c.state_of(0).as_deref(), Some("PRIM"));
+    assert_eq!(c.state_of(1).as_deref(), Some("SECOND"));
+    c.cut_second(0, false);
+    std::thread::sleep(Duration::from_millis(500));
+    // The main network: replication is lost, heartbeats are not.
+    c.cut(0, true);
+    let end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < end {
+        let s1 = c.state_of(1).unwrap_or_default();
+        assert!(
+            s1 != "PRIM" && s1 != "ALONE",
+            "n2 took over while it could still hear n1"
+        );
+        assert!(c.vip_holders().len() <= 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still primary (PRIM: its secondary is there, being resynced), its
+    // secondary out of sync, and writes go on without it.
+    let s0 = c.wait_status(0, SETTLE, "serving without an in-sync secondary", |v| {
+        v["state"] == "PRIM" && v["in_sync"] == false && v["peer"]["alive"] == true
+    });
+    eprintln!(
+        "n1 with the main network cut: {} — {}",
+        s0["state"], s0["detail"]
+    );
+    assert_eq!(c.vip_holders(), vec![0]);
+    c.cut(0, false);
+    c.wait_pair(0, SETTLE);
+}
