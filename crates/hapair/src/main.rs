@@ -3,6 +3,7 @@
 //! configuration error, 3 refused in the current state.
 
 mod client;
+mod mirror_apply;
 mod mirror_server;
 mod mount;
 mod state;
