@@ -10,6 +10,7 @@
 //! `AT_SYMLINK_NOFOLLOW`, and a mode change on a symlink is refused. `..`,
 //! `/`, NUL and empty names cannot be expressed in a `RelPath` at all.
 
+mod syncpool;
 mod sys;
 
 use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, MAX_MANIFEST_ENTRIES};
@@ -21,6 +22,9 @@ pub use sys::SysError;
 /// Beyond this many dirty files or directories, a barrier uses syncfs(2)
 /// instead of one fsync per entry (bounded memory, bounded work).
 const MAX_DIRTY_ENTRIES: usize = 4096;
+
+/// Most files or directories a barrier has open at once for syncing.
+const SYNC_CHUNK: usize = 64;
 
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
@@ -155,6 +159,8 @@ pub struct Applier {
     /// Cleared when the mirror's filesystem refused a direct write: then
     /// every write goes through the page cache.
     direct_ok: bool,
+    /// Barriers over several files sync them in parallel.
+    syncs: syncpool::SyncPool,
 }
 
 impl Applier {
@@ -176,6 +182,7 @@ impl Applier {
             files: FdCache::new(),
             aligned: AlignedBuf(Vec::new()),
             direct_ok: true,
+            syncs: syncpool::SyncPool::default(),
         })
     }
 
@@ -492,29 +499,49 @@ impl Applier {
         if self.overflow {
             sys::syncfs(root)?;
         } else {
-            for p in &self.dirty_files {
-                if let Some(fd) = self.files.get(p) {
-                    sys::fsync(fd)?;
-                    continue;
+            let files = std::mem::take(&mut self.dirty_files);
+            let dirs = std::mem::take(&mut self.dirty_dirs);
+            // Files first, then the directories that name them; a few at a
+            // time, in parallel (see `syncpool`), and never more open at
+            // once than a chunk.
+            for chunk in files.iter().collect::<Vec<_>>().chunks(SYNC_CHUNK) {
+                let mut opened = Vec::new();
+                let mut fds = Vec::with_capacity(chunk.len());
+                for p in chunk {
+                    if let Some(fd) = self.files.get(p) {
+                        fds.push(fd);
+                        continue;
+                    }
+                    // A file removed or renamed since it was written is no
+                    // longer reachable by this name; its data went with it.
+                    match sys::open_below(root, p, libc::O_RDONLY | libc::O_NOFOLLOW) {
+                        Ok(f) => {
+                            fds.push(f.as_raw_fd());
+                            opened.push(f);
+                        }
+                        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                // A file removed or renamed since it was written is no
-                // longer reachable by this name; its data went with it.
-                match sys::open_below(root, p, libc::O_RDONLY | libc::O_NOFOLLOW) {
-                    Ok(f) => sys::fsync(f.as_raw_fd())?,
-                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
-                    Err(e) => return Err(e),
-                }
+                self.syncs.fsync_all(&fds)?;
             }
-            for p in &self.dirty_dirs {
-                match sys::open_below(
-                    root,
-                    p,
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                ) {
-                    Ok(f) => sys::fsync(f.as_raw_fd())?,
-                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {}
-                    Err(e) => return Err(e),
+            for chunk in dirs.iter().collect::<Vec<_>>().chunks(SYNC_CHUNK) {
+                let mut opened = Vec::new();
+                for p in chunk {
+                    match sys::open_below(
+                        root,
+                        p,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    ) {
+                        Ok(f) => opened.push(f),
+                        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                let fds: Vec<RawFd> = opened.iter().map(|f| f.as_raw_fd()).collect();
+                self.syncs.fsync_all(&fds)?;
             }
         }
         self.dirty_files.clear();
