@@ -10,6 +10,7 @@ mod daemon;
 mod demo;
 mod demo_app;
 mod guard;
+mod mirror_apply;
 mod mirror_server;
 mod mount;
 mod state;

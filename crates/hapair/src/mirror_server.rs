@@ -4,40 +4,25 @@
 //! One session at a time: a new authenticated connection from the mount
 //! (after a restart of the mount, say) closes the previous one and waits for
 //! its applier to finish, so two streams never interleave their operations.
-//! Each session has three parts: a reader task (decode, validate, forward),
-//! an applier thread (the only code that writes into the directory) and a
-//! writer task (acknowledgements, manifests, failures).
+//! Each session has a reader task and an applier thread, which apply the
+//! operations in order (see `mirror_apply`), and a writer task
+//! (acknowledgements, manifests, failures).
 
 use anyhow::Context;
 use hapair_mirror::Applier;
-use hapair_proto::{FromMirror, Op, Seq, ToMirror, ALPN_REPLICATION, PROTOCOL_VERSION};
+use hapair_proto::{FromMirror, Seq, ToMirror, ALPN_REPLICATION, PROTOCOL_VERSION};
 use hapair_transport::{FrameReader, FrameWriter, TlsMaterial};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Mutex};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-/// Operations queued between the reader and the applier (backpressure on
-/// the QUIC stream beyond this).
-const APPLY_QUEUE: usize = 1024;
-/// Acknowledge at least every this many applied operations.
-const ACK_EVERY_OPS: u64 = 256;
 /// Longest wait, at the end of a session, for the peer to receive the last
 /// frames.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Group commit: at a barrier, the applier first applies at most this many
-/// operations (and bytes) already queued behind it, then syncs once for all
-/// of them (see `apply_loop`).
-const GROUP_COMMIT_OPS: usize = 256;
-const GROUP_COMMIT_BYTES: usize = 16 << 20;
-
-enum Work {
-    Manifest { hash: bool },
-    Op { seq: Seq, op: Op, payload: Vec<u8> },
-}
 
 pub fn open_dir(dir: &Path) -> anyhow::Result<OwnedFd> {
     let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
@@ -250,168 +235,25 @@ async fn handle(
     let applier = Applier::open(&dir)
         .with_context(|| format!("opening mirror directory {}", dir.display()))?;
     let scan_fd = open_dir(&dir)?;
-    let (work_tx, work_rx) = mpsc::channel::<Work>(APPLY_QUEUE);
     let (ack_tx, ack_rx) = watch::channel((next_seq - 1, next_seq - 1));
     let (out_tx, out_rx) = mpsc::channel::<FromMirror>(16);
-    let apply_thread = std::thread::Builder::new()
-        .name("mirror-apply".into())
-        .spawn(move || apply_loop(applier, scan_fd, work_rx, ack_tx, out_tx, next_seq - 1))
-        .context("spawning applier thread")?;
     let writer_task = tokio::spawn(write_loop(writer, ack_rx, out_rx));
-
-    let result = read_loop(&mut reader, work_tx, &node, next_seq).await;
-    // The reader is done (stream end, error or refusal): the applier drains
-    // what it was given, then the writer sends the last acks.
-    let _ = tokio::task::spawn_blocking(move || apply_thread.join()).await;
+    // Until the stream ends or fails; then the applier has drained what it
+    // was given, and the writer sends the last acknowledgements.
+    let result = crate::mirror_apply::run(
+        applier,
+        scan_fd,
+        &mut reader,
+        ack_tx,
+        out_tx,
+        &node,
+        next_seq,
+    )
+    .await;
     let _ = writer_task.await;
     conn.close(0u32.into(), b"session over");
     info!(node, "replication session over");
     result
-}
-
-async fn read_loop(
-    reader: &mut FrameReader,
-    work: mpsc::Sender<Work>,
-    node: &str,
-    next_seq: Seq,
-) -> anyhow::Result<()> {
-    let mut expected: Seq = next_seq;
-    loop {
-        let body = match reader.next_body().await {
-            Ok(Some(b)) => b,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(e.context(format!("reading from {node}"))),
-        };
-        let frame = match hapair_proto::decode_to_mirror(body) {
-            Ok(f) => f,
-            Err(e) => {
-                // Hostile or corrupt: refused, logged, never applied. The
-                // stream's order can no longer be trusted, so the session ends.
-                error!(node, "refused a malformed message: {e}; ending the session");
-                anyhow::bail!("malformed message: {e}");
-            }
-        };
-        let w = match frame.header {
-            ToMirror::Hello { .. } => anyhow::bail!("second hello on one session"),
-            ToMirror::ManifestRequest { hash_content } => Work::Manifest { hash: hash_content },
-            ToMirror::Op { seq, op } => {
-                if seq != expected {
-                    error!(
-                        node,
-                        seq, expected, "refused an out-of-order operation; ending the session"
-                    );
-                    anyhow::bail!("operation {seq} out of order (expected {expected})");
-                }
-                expected += 1;
-                Work::Op {
-                    seq,
-                    op,
-                    payload: frame.payload,
-                }
-            }
-        };
-        if work.send(w).await.is_err() {
-            return Ok(()); // the applier stopped (it reported why)
-        }
-    }
-}
-
-fn apply_loop(
-    mut applier: Applier,
-    scan_fd: OwnedFd,
-    mut work: mpsc::Receiver<Work>,
-    acks: watch::Sender<(Seq, Seq)>,
-    out: mpsc::Sender<FromMirror>,
-    base: Seq,
-) {
-    let (mut applied, mut durable, mut acked) = (base, base, base);
-    // Work taken from the queue by a group commit but not applied by it.
-    let mut pending: Option<Work> = None;
-    while let Some(w) = pending.take().or_else(|| work.blocking_recv()) {
-        match w {
-            Work::Manifest { hash } => {
-                let mut sink = |entries: Vec<hapair_proto::ManifestEntry>| -> anyhow::Result<()> {
-                    out.blocking_send(FromMirror::Manifest {
-                        entries,
-                        last: false,
-                    })
-                    .map_err(|_| anyhow::anyhow!("session closed"))
-                };
-                let msg = match hapair_mirror::scan_tree(scan_fd.as_fd(), hash, &mut sink) {
-                    Ok(()) => FromMirror::Manifest {
-                        entries: vec![],
-                        last: true,
-                    },
-                    Err(e) => FromMirror::Failed {
-                        seq: 0,
-                        errno: libc::EIO,
-                        reason: format!("scan failed: {e:#}"),
-                    },
-                };
-                let _ = out.blocking_send(msg);
-            }
-            Work::Op { seq, op, payload } => {
-                if !matches!(op, Op::Barrier) {
-                    if let Err(e) = applier.apply(&op, &payload) {
-                        return fail(seq, &op, e, &acks, &out, (applied, durable));
-                    }
-                    applied = seq;
-                    if work.is_empty() || applied - acked >= ACK_EVERY_OPS {
-                        let _ = acks.send((applied, durable));
-                        acked = applied;
-                    }
-                    continue;
-                }
-                // Group commit: concurrent durability points arrive as
-                // barriers close together. Apply what is already queued
-                // behind this one (bounded), then sync once: the sync covers
-                // every operation applied so far, so all of them, and every
-                // barrier among them, are durable.
-                applied = seq;
-                let (mut n, mut bytes) = (0, 0);
-                while n < GROUP_COMMIT_OPS && bytes < GROUP_COMMIT_BYTES {
-                    let Ok(next) = work.try_recv() else { break };
-                    let Work::Op { seq, op, payload } = next else {
-                        pending = Some(next);
-                        break;
-                    };
-                    if !matches!(op, Op::Barrier) {
-                        if let Err(e) = applier.apply(&op, &payload) {
-                            return fail(seq, &op, e, &acks, &out, (applied, durable));
-                        }
-                    }
-                    applied = seq;
-                    n += 1;
-                    bytes += payload.len();
-                }
-                if let Err(e) = applier.make_durable() {
-                    return fail(applied, &Op::Barrier, e, &acks, &out, (applied, durable));
-                }
-                durable = applied;
-                let _ = acks.send((applied, durable));
-                acked = applied;
-            }
-        }
-    }
-    let _ = acks.send((applied, durable));
-}
-
-/// Reports an operation the applier could not apply; the session ends.
-fn fail(
-    seq: Seq,
-    op: &Op,
-    e: hapair_mirror::ApplyError,
-    acks: &watch::Sender<(Seq, Seq)>,
-    out: &mpsc::Sender<FromMirror>,
-    acked: (Seq, Seq),
-) {
-    error!(seq, "cannot apply {}: {e}", op.name());
-    let _ = acks.send(acked);
-    let _ = out.blocking_send(FromMirror::Failed {
-        seq,
-        errno: e.errno(),
-        reason: e.to_string(),
-    });
 }
 
 async fn write_loop(

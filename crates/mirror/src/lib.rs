@@ -13,6 +13,7 @@
 //! on a symlink is refused. `..`, `/`, NUL and empty names cannot be
 //! expressed in a `RelPath` at all (see the tests, which hand-craft them).
 
+mod syncpool;
 mod sys;
 
 use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, MAX_MANIFEST_ENTRIES};
@@ -24,6 +25,9 @@ pub use sys::SysError;
 /// Beyond this many dirty files or directories, a barrier uses syncfs(2)
 /// instead of one fsync per entry (bounded memory, bounded work).
 const MAX_DIRTY_ENTRIES: usize = 4096;
+
+/// Most files or directories a barrier has open at once for syncing.
+const SYNC_CHUNK: usize = 64;
 
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
@@ -158,6 +162,8 @@ pub struct Applier {
     /// Cleared when the mirror's filesystem refused a direct write: then
     /// every write goes through the page cache.
     direct_ok: bool,
+    /// Barriers over several files sync them in parallel.
+    syncs: syncpool::SyncPool,
 }
 
 impl Applier {
@@ -179,6 +185,7 @@ impl Applier {
             files: FdCache::new(),
             aligned: AlignedBuf(Vec::new()),
             direct_ok: true,
+            syncs: syncpool::SyncPool::default(),
         })
     }
 
@@ -506,33 +513,52 @@ impl Applier {
         let root = self.root();
         let mut need_syncfs = self.overflow;
         if !need_syncfs {
-            for p in self.dirty_files.iter().chain(&self.dirty_dirs) {
-                // A file still open in the cache was opened as a regular
-                // file (see `file_fd`): sync it through that descriptor.
-                if let Some(fd) = self.files.get(p) {
-                    sys::fsync(fd)?;
-                    continue;
-                }
-                // Each entry is opened with O_PATH first: a FIFO or device
-                // node (an xattr changed on it) is never opened for real.
-                // A name removed or renamed since it was changed is no
-                // longer reachable; its changes went with it.
-                let f = match sys::open_below(root, p, libc::O_PATH | libc::O_NOFOLLOW) {
-                    Ok(f) => f,
-                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
-                        continue
+            let files = std::mem::take(&mut self.dirty_files);
+            let dirs = std::mem::take(&mut self.dirty_dirs);
+            // Files first, then the directories that name them; a few at a
+            // time, in parallel (see `syncpool`), and never more open at
+            // once than a chunk.
+            for list in [&files, &dirs] {
+                for chunk in list.iter().collect::<Vec<_>>().chunks(SYNC_CHUNK) {
+                    let mut opened = Vec::new();
+                    let mut fds = Vec::with_capacity(chunk.len());
+                    for p in chunk {
+                        // A file still open in the cache was opened as a
+                        // regular file (see `file_fd`).
+                        if let Some(fd) = self.files.get(p) {
+                            fds.push(fd);
+                            continue;
+                        }
+                        // Any other name is opened with O_PATH first: a FIFO
+                        // or device node (an xattr changed on it) is never
+                        // opened for real. A name removed or renamed since it
+                        // was changed is no longer reachable; its changes
+                        // went with it.
+                        let f = match sys::open_below(root, p, libc::O_PATH | libc::O_NOFOLLOW) {
+                            Ok(f) => f,
+                            Err(e)
+                                if matches!(
+                                    e.errno,
+                                    libc::ENOENT | libc::ENOTDIR | libc::ELOOP
+                                ) =>
+                            {
+                                continue
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        match sys::fstat(f.as_raw_fd())?.st_mode & libc::S_IFMT {
+                            libc::S_IFREG | libc::S_IFDIR => {
+                                let rf = sys::reopen(f.as_raw_fd(), libc::O_RDONLY)?;
+                                fds.push(rf.as_raw_fd());
+                                opened.push(rf);
+                            }
+                            // Symlinks and special files cannot be fsynced by
+                            // fd: their inode changes are made durable with
+                            // the filesystem.
+                            _ => need_syncfs = true,
+                        }
                     }
-                    Err(e) => return Err(e),
-                };
-                match sys::fstat(f.as_raw_fd())?.st_mode & libc::S_IFMT {
-                    libc::S_IFREG | libc::S_IFDIR => {
-                        let rf = sys::reopen(f.as_raw_fd(), libc::O_RDONLY)?;
-                        sys::fsync(rf.as_raw_fd())?;
-                    }
-                    // Symlinks and special files cannot be fsynced by fd:
-                    // their inode changes are made durable with the
-                    // filesystem.
-                    _ => need_syncfs = true,
+                    self.syncs.fsync_all(&fds)?;
                 }
             }
         }

@@ -36,7 +36,9 @@ impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
             mode: Mode::Sync,
-            max_inflight_bytes: 64 << 20,
+            // Enough to keep the disk and the link busy (the mirror applies about
+            // a MiB per millisecond here); more only costs memory on the mount.
+            max_inflight_bytes: 32 << 20,
             max_inflight_ops: 65_536,
             max_lag_ms: 100,
             timeout_ms: 5_000,
