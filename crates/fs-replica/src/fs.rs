@@ -147,6 +147,7 @@ pub struct ReplicaFs {
 
 thread_local! {
     static UMASK_READY: Cell<bool> = const { Cell::new(false) };
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Sets the umask this FUSE worker thread creates files with. Without
@@ -994,14 +995,6 @@ impl ReplicaFs {
         Ok((attr, fh, open_reply_flags(flags)))
     }
 
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> R<Vec<u8>> {
-        let h = self.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let n = sys::pread(h.fd.as_fd(), &mut buf, offset)?;
-        buf.truncate(n);
-        Ok(buf)
-    }
-
     fn do_write(
         &self,
         ino: u64,
@@ -1561,10 +1554,22 @@ impl Filesystem for ReplicaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
-        }
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        // One buffer per worker thread, reused: a fresh one per read costs
+        // page faults and zeroing (reads are up to max_pages, 1 MiB).
+        READ_BUF.with_borrow_mut(|buf| {
+            let size = size as usize;
+            if buf.len() < size {
+                buf.resize(size, 0);
+            }
+            match sys::pread(h.fd.as_fd(), &mut buf[..size], offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn write(
