@@ -304,11 +304,16 @@ fn sync_mode(flags: i32) -> Option<bool> {
     }
 }
 
+/// KEEP_CACHE: the kernel keeps a file's cached pages across opens. Every
+/// change to a file goes through this mount, where the kernel updates or
+/// drops those pages itself (writes, truncation, fallocate), so what it kept
+/// is still right; without it each open would drop the cache and the next
+/// reads would go to the disk again.
 fn open_reply_flags(flags: i32) -> FopenFlags {
     if flags & libc::O_DIRECT != 0 {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
-        FopenFlags::empty()
+        FopenFlags::FOPEN_KEEP_CACHE
     }
 }
 
