@@ -90,6 +90,14 @@ if has_hapair; then
     [ -x "$BIN" ] || { echo "bench/run.sh: $BIN is not executable" >&2; exit 1; }
 fi
 
+# The revision measured, taken now (before any commit made during the run).
+HAPAIR_REV=""
+if has_hapair; then
+    HAPAIR_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    git -C "$ROOT" diff --quiet HEAD 2>/dev/null || HAPAIR_REV="$HAPAIR_REV (with uncommitted changes)"
+    [ -n "${HAPAIR_BIN:-}" ] && HAPAIR_REV="$HAPAIR_REV, binary $BIN"
+fi
+
 # --- work area and cleanup ----------------------------------------------
 WORK=$(mktemp -d "${BENCH_WORKDIR:-/var/tmp}/hapair-bench.XXXXXX")
 RES=$WORK/results LOGS=$WORK/logs
@@ -320,12 +328,8 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
     printf '}\n'
 } > "$RES/rss.json"
 
-HAPAIR_REV="" GLUSTER_V="" FIO_V=$(fio --version)
+GLUSTER_V="" FIO_V=$(fio --version)
 has gluster && GLUSTER_V=$(gluster --version | head -1)
-if has_hapair; then
-    HAPAIR_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    git -C "$ROOT" diff --quiet HEAD 2>/dev/null || HAPAIR_REV="$HAPAIR_REV (with uncommitted changes)"
-fi
 "$PY" - "$RES/meta.json" <<EOF
 import json, sys
 json.dump({

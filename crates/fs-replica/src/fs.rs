@@ -80,6 +80,8 @@ struct FileH {
     /// The same file open with O_DIRECT for large writes (see `direct`),
     /// opened on the first one; None if that failed.
     direct_fd: std::sync::OnceLock<Option<OwnedFd>>,
+    /// The same for large reads.
+    direct_rfd: std::sync::OnceLock<Option<OwnedFd>>,
     ino: u64,
     /// Opened with O_APPEND (and no writeback cache): the filesystem places
     /// every write at the end of the file itself.
@@ -147,6 +149,7 @@ pub struct ReplicaFs {
 
 thread_local! {
     static UMASK_READY: Cell<bool> = const { Cell::new(false) };
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Sets the umask this FUSE worker thread creates files with. Without
@@ -301,11 +304,16 @@ fn sync_mode(flags: i32) -> Option<bool> {
     }
 }
 
+/// KEEP_CACHE: the kernel keeps a file's cached pages across opens. Every
+/// change to a file goes through this mount, where the kernel updates or
+/// drops those pages itself (writes, truncation, fallocate), so what it kept
+/// is still right; without it each open would drop the cache and the next
+/// reads would go to the disk again.
 fn open_reply_flags(flags: i32) -> FopenFlags {
     if flags & libc::O_DIRECT != 0 {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
-        FopenFlags::empty()
+        FopenFlags::FOPEN_KEEP_CACHE
     }
 }
 
@@ -967,6 +975,7 @@ impl ReplicaFs {
             Arc::new(FileH {
                 fd: bfd,
                 direct_fd: Default::default(),
+                direct_rfd: Default::default(),
                 ino,
                 append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
                 sync: sync_mode(flags),
@@ -993,20 +1002,13 @@ impl ReplicaFs {
             Arc::new(FileH {
                 fd,
                 direct_fd: Default::default(),
+                direct_rfd: Default::default(),
                 ino,
                 append: flags & libc::O_APPEND != 0 && !self.writeback_cache,
                 sync: sync_mode(flags),
             }),
         );
         Ok((attr, fh, open_reply_flags(flags)))
-    }
-
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> R<Vec<u8>> {
-        let h = self.file(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let n = sys::pread(h.fd.as_fd(), &mut buf, offset)?;
-        buf.truncate(n);
-        Ok(buf)
     }
 
     fn do_write(
@@ -1103,6 +1105,27 @@ impl ReplicaFs {
             return None;
         }
         Some((n, err, buf))
+    }
+
+    /// Reads into `dst` (aligned) with O_DIRECT if the read is eligible (see
+    /// `direct`) and the backing takes it. None: read through the page cache.
+    fn direct_read(&self, h: &FileH, dst: &mut [u8], off: u64) -> Option<R<usize>> {
+        if !self.direct_ok.load(Ordering::Relaxed) || !direct::eligible(dst.len(), off) {
+            return None;
+        }
+        let node_fd = self.node(h.ino).ok()?.0;
+        let rfd = h
+            .direct_rfd
+            .get_or_init(|| sys::reopen(node_fd.as_fd(), libc::O_RDONLY | libc::O_DIRECT).ok())
+            .as_ref()?;
+        match sys::pread(rfd.as_fd(), dst, off) {
+            Err(Errno::EINVAL) => {
+                tracing::info!("the backing filesystem refuses direct reads; not using them");
+                self.direct_ok.store(false, Ordering::Relaxed);
+                None
+            }
+            r => Some(r),
+        }
     }
 
     /// Clears set-user-id (and set-group-id when group-executable) as the
@@ -1568,10 +1591,33 @@ impl Filesystem for ReplicaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
-        }
+        let h = match self.file(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        // One buffer per worker thread, reused: a fresh one per read costs
+        // page faults and zeroing (reads are up to max_pages, 1 MiB). Large
+        // block-aligned reads come from the disk directly (see `direct`):
+        // the data goes to the kernel's FUSE cache anyway, a second copy in
+        // the backing file's page cache would only cost fresh pages.
+        READ_BUF.with_borrow_mut(|buf| {
+            let size = size as usize;
+            if buf.len() < size + direct::DIRECT_ALIGN {
+                buf.resize(size + direct::DIRECT_ALIGN, 0);
+            }
+            let off = buf.as_ptr().align_offset(direct::DIRECT_ALIGN);
+            let dst = &mut buf[off..off + size];
+            if let Some(n) = self.direct_read(&h, dst, offset) {
+                return match n {
+                    Ok(n) => reply.data(&dst[..n]),
+                    Err(e) => reply.error(e),
+                };
+            }
+            match sys::pread(h.fd.as_fd(), dst, offset) {
+                Ok(n) => reply.data(&dst[..n]),
+                Err(e) => reply.error(e),
+            }
+        })
     }
 
     fn write(

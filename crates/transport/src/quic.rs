@@ -56,6 +56,16 @@ pub struct TransportTuning {
     pub send_window_bytes: u64,
     /// Most bidirectional streams the peer may open at once.
     pub max_concurrent_bidi_streams: u32,
+    /// How many ack-eliciting packets the peer may receive from us before it
+    /// must acknowledge them at once (QUIC ACK frequency extension; both
+    /// ends are quinn). The default of quinn, 1, makes the mirror answer
+    /// every 4 KiB write (several packets) with an ACK-only packet just
+    /// before its own acknowledgement: a second wake-up of the mount per
+    /// durability point. Replies carry the ACKs instead.
+    pub ack_eliciting_threshold: u32,
+    /// The longest the peer may delay an acknowledgement (clamped by quinn
+    /// to at most the greater of the RTT and 25 ms).
+    pub max_ack_delay: Duration,
 }
 
 impl Default for TransportTuning {
@@ -69,6 +79,8 @@ impl Default for TransportTuning {
             receive_window_bytes: 64 << 20,
             send_window_bytes: 64 << 20,
             max_concurrent_bidi_streams: 16,
+            ack_eliciting_threshold: 32,
+            max_ack_delay: Duration::from_millis(5),
         }
     }
 }
@@ -102,6 +114,10 @@ impl TransportTuning {
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams));
         // hapair uses bidirectional streams only.
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        let mut ack = quinn::AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold))
+            .max_ack_delay(Some(self.max_ack_delay));
+        t.ack_frequency_config(Some(ack));
         Ok(t)
     }
 }

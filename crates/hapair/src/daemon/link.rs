@@ -38,6 +38,10 @@ pub fn tuning(interval_ms: u64, timeout_ms: u64) -> TransportTuning {
         receive_window_bytes: 128 << 10,
         send_window_bytes: 128 << 10,
         max_concurrent_bidi_streams: 0,
+        // Small messages at a steady rate: QUIC's usual acknowledgement
+        // pace (the replication's batching tuning does not apply here).
+        ack_eliciting_threshold: 1,
+        max_ack_delay: Duration::from_millis(25),
     }
 }
 
