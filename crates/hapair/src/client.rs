@@ -103,6 +103,9 @@ struct Inner {
     /// Sequence number of the last barrier recorded (0: none): a durability
     /// point with nothing recorded since reuses it instead of adding one.
     last_barrier: Seq,
+    /// Threads blocked on `Shared::cond` (an acknowledgement wakes them
+    /// only if there are any: a wake-up is a system call).
+    blocked: u32,
 }
 
 pub struct Shared {
@@ -206,6 +209,7 @@ impl ReplClient {
                     supervised,
                     waiters: Vec::new(),
                     last_barrier: 0,
+                    blocked: 0,
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
@@ -460,11 +464,20 @@ impl ReplClient {
             .next_deadline_ms(now)
             .unwrap_or(max_ms)
             .clamp(1, max_ms);
-        self.sh
+        self.wait_cond(g, Duration::from_millis(wait))
+    }
+
+    /// Waits on the condition variable (counted in `blocked`).
+    fn wait_cond<'a>(&'a self, mut g: MutexGuard<'a, Inner>, d: Duration) -> MutexGuard<'a, Inner> {
+        g.blocked += 1;
+        let mut g = self
+            .sh
             .cond
-            .wait_timeout(g, Duration::from_millis(wait))
+            .wait_timeout(g, d)
             .unwrap_or_else(|p| p.into_inner())
-            .0
+            .0;
+        g.blocked -= 1;
+        g
     }
 
     /// Blocks until `w` holds (or the pipeline is degraded and allowed to go
@@ -570,11 +583,7 @@ impl ReplClient {
                 Durability::Hold => {
                     // Held: wait for a state or permission change.
                     let g = self.lock();
-                    let _ = self
-                        .sh
-                        .cond
-                        .wait_timeout(g, Duration::from_millis(50))
-                        .unwrap_or_else(|p| p.into_inner());
+                    drop(self.wait_cond(g, Duration::from_millis(50)));
                 }
             }
             plan = self.plan_durability();
@@ -877,7 +886,9 @@ impl ReplClient {
                             while g.unacked.front().is_some_and(|(s, _)| *s <= applied) {
                                 g.unacked.pop_front();
                             }
-                            self.sh.cond.notify_all();
+                            if g.blocked > 0 {
+                                self.sh.cond.notify_all();
+                            }
                             drop(g);
                             self.complete_ready();
                         }
