@@ -455,6 +455,18 @@ impl ReplicaFs {
         );
     }
 
+    /// fsync (or fdatasync) of an open file or directory as a durability
+    /// point, answered through `reply`.
+    fn sync_then(&self, fd: BorrowedFd<'_>, datasync: bool, reply: ReplyEmpty) {
+        self.durability_point_then(
+            || sys::fsync(fd, datasync),
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            },
+        );
+    }
+
     /// The path to record ops on `ino` under. `None`: the object is not part
     /// of the tree (unlinked while open), so nothing is recorded. Must be
     /// called with the ordering lock held.
@@ -1689,17 +1701,10 @@ impl Filesystem for ReplicaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let h = match self.file(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        self.durability_point_then(
-            || sys::fsync(h.fd.as_fd(), datasync),
-            move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
+        match self.file(fh) {
+            Ok(h) => self.sync_then(h.fd.as_fd(), datasync, reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1743,17 +1748,10 @@ impl Filesystem for ReplicaFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let d = match self.dir(fh) {
-            Ok(d) => d,
-            Err(e) => return reply.error(e),
-        };
-        self.durability_point_then(
-            || sys::fsync(d.fd.as_fd(), datasync),
-            move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
+        match self.dir(fh) {
+            Ok(d) => self.sync_then(d.fd.as_fd(), datasync, reply),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
