@@ -400,7 +400,7 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
             Op::Write {
                 path: m.clone(),
                 offset: 0,
-                mtime: ts(),
+                mtime: TimeSet::At(ts()),
             },
             b"PWNED".to_vec(),
             secret_via_dotdot.clone(),
@@ -552,7 +552,7 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
             Op::Write {
                 path: rel("evil/secret"),
                 offset: 0,
-                mtime: ts(),
+                mtime: TimeSet::At(ts()),
             },
             b"PWNED".to_vec(),
         ),
@@ -561,7 +561,7 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
             Op::Write {
                 path: via_root.clone(),
                 offset: 0,
-                mtime: ts(),
+                mtime: TimeSet::At(ts()),
             },
             b"PWNED".to_vec(),
         ),
@@ -641,7 +641,7 @@ fn hostile_operations_are_refused_logged_and_never_applied() {
             Op::Write {
                 path: rel("evil"),
                 offset: 0,
-                mtime: ts(),
+                mtime: TimeSet::At(ts()),
             },
             b"PWNED".to_vec(),
         ),

@@ -478,3 +478,127 @@ fn posix_acls_are_enforced_and_inherited() {
     );
     m.unmount();
 }
+
+/// The backing file's mtime, as the mirror should end up with it.
+fn backing_mtime(dir: &tempfile::TempDir, name: &str) -> hapair_proto::Timestamp {
+    let md = fs::metadata(dir.path().join("backing").join(name)).unwrap();
+    hapair_proto::Timestamp {
+        sec: md.mtime(),
+        nsec: md.mtime_nsec() as u32,
+    }
+}
+
+/// The mtimes recorded for `path`: `Some(t)` for an exact one (a write's or
+/// a setattr's), `None` for a write that left it out.
+fn mtimes_recorded(
+    ops: &[Op],
+    path: &RelPath,
+) -> Vec<(&'static str, Option<hapair_proto::Timestamp>)> {
+    ops.iter()
+        .filter_map(|o| match o {
+            Op::Write { path: p, mtime, .. } if p == path => Some((
+                "write",
+                match mtime {
+                    TimeSet::At(t) => Some(*t),
+                    TimeSet::Omit => None,
+                },
+            )),
+            Op::SetAttr {
+                path: p,
+                mtime: TimeSet::At(t),
+                mode: None,
+                uid: None,
+                gid: None,
+                size: None,
+                atime: TimeSet::Omit,
+            } if p == path => Some(("setattr", Some(*t))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_write_soon_after_another_leaves_the_mtime_to_a_later_setattr() {
+    let (dir, rec, m) = setup();
+    let mut f = fs::File::create(m.mnt.join("f")).unwrap();
+    rec.clear();
+    f.write_all(b"first").unwrap();
+    f.write_all(b"second").unwrap();
+    f.write_all(b"third").unwrap();
+    let ops = rec.ops();
+    let got = mtimes_recorded(&ops, &rp("f"));
+    // The first write of the file carries its exact mtime; the next ones,
+    // within the interval, none (no stat of the backing file after them).
+    assert_eq!(got.len(), 3, "{ops:#?}");
+    assert!(got[0].1.is_some(), "{got:?}");
+    assert_eq!(
+        (got[1], got[2]),
+        (("write", None), ("write", None)),
+        "{got:?}"
+    );
+
+    // Reading the attributes sends the exact mtime, once.
+    let seen = fs::metadata(m.mnt.join("f")).unwrap();
+    let want = backing_mtime(&dir, "f");
+    assert_eq!(
+        (seen.mtime(), seen.mtime_nsec() as u32),
+        (want.sec, want.nsec)
+    );
+    let ops = rec.ops();
+    let got = mtimes_recorded(&ops, &rp("f"));
+    assert_eq!(got.last(), Some(&("setattr", Some(want))), "{ops:#?}");
+    let n = got.len();
+    fs::metadata(m.mnt.join("f")).unwrap();
+    drop(f);
+    assert_eq!(
+        mtimes_recorded(&rec.ops(), &rp("f")).len(),
+        n,
+        "sent again with nothing new"
+    );
+}
+
+#[test]
+fn closing_a_written_file_sends_its_pending_mtime() {
+    let (dir, rec, m) = setup();
+    let mut f = fs::File::create(m.mnt.join("f")).unwrap();
+    f.write_all(b"first").unwrap();
+    rec.clear();
+    f.write_all(b"second").unwrap();
+    assert_eq!(mtimes_recorded(&rec.ops(), &rp("f")), [("write", None)]);
+    drop(f);
+    let want = backing_mtime(&dir, "f");
+    let ops = rec.ops();
+    assert_eq!(
+        mtimes_recorded(&ops, &rp("f")),
+        [("write", None), ("setattr", Some(want))],
+        "{ops:#?}"
+    );
+}
+
+#[test]
+fn a_sync_sends_the_pending_mtime_once_the_interval_has_passed() {
+    let (dir, rec, m) = setup();
+    let mut f = fs::File::create(m.mnt.join("f")).unwrap();
+    f.write_all(b"first").unwrap();
+    rec.clear();
+    f.write_all(b"second").unwrap();
+    // Within the interval: the sync does not send it (that would put a
+    // stat between every write and the next).
+    f.sync_all().unwrap();
+    assert_eq!(mtimes_recorded(&rec.ops(), &rp("f")), [("write", None)]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    f.sync_all().unwrap();
+    let ops = rec.ops();
+    let want = backing_mtime(&dir, "f");
+    assert_eq!(
+        mtimes_recorded(&ops, &rp("f")),
+        [("write", None), ("setattr", Some(want))],
+        "{ops:#?}"
+    );
+    // And the next write, after the interval, carries it again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    f.write_all(b"third").unwrap();
+    let got = mtimes_recorded(&rec.ops(), &rp("f"));
+    assert!(matches!(got.last(), Some(("write", Some(_)))), "{got:?}");
+    drop(f);
+}

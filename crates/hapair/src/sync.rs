@@ -85,7 +85,7 @@ fn copy_content(
                 Op::Write {
                     path: e.path.clone(),
                     offset: off as u64,
-                    mtime: e.mtime,
+                    mtime: TimeSet::At(e.mtime),
                 },
                 &buf[..n as usize],
             );

@@ -32,7 +32,7 @@ fn write(path: &str, offset: u64) -> Op {
     Op::Write {
         path: p(path),
         offset,
-        mtime: T,
+        mtime: TimeSet::At(T),
     }
 }
 

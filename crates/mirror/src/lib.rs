@@ -290,7 +290,9 @@ impl Applier {
                 mtime,
             } => {
                 let f = self.write_at(path, payload, *offset)?;
-                sys::futimes(f, TimeSet::Omit, TimeSet::At(*mtime))?;
+                if let TimeSet::At(t) = mtime {
+                    sys::futimes(f, TimeSet::Omit, TimeSet::At(*t))?;
+                }
                 self.mark_file(path);
             }
             Op::Create {

@@ -72,7 +72,7 @@ fn write(p: RelPath, offset: u64) -> Op {
     Op::Write {
         path: p,
         offset,
-        mtime: t(2_000),
+        mtime: TimeSet::At(t(2_000)),
     }
 }
 
@@ -576,7 +576,7 @@ fn create_write_and_attributes() {
         Op::Write {
             path: rp("d/f"),
             offset: 1 << 20,
-            mtime: tn(1_400, 999_999_999),
+            mtime: TimeSet::At(tn(1_400, 999_999_999)),
         },
         b"world",
     );
@@ -1146,7 +1146,7 @@ fn through_ops(target: &RelPath, local: &RelPath) -> Vec<(Op, Vec<u8>)> {
             Op::Write {
                 path: target.clone(),
                 offset: 1 << 30,
-                mtime: t(1),
+                mtime: TimeSet::At(t(1)),
             },
             b"far".to_vec(),
         ),
@@ -1221,7 +1221,7 @@ fn symlink_as_last_component_is_never_followed() {
                 Op::Write {
                     path: p.clone(),
                     offset: 1 << 33,
-                    mtime: t(1),
+                    mtime: TimeSet::At(t(1)),
                 },
                 b"far".to_vec(),
             ),
@@ -1367,4 +1367,45 @@ fn special_files_are_never_opened_for_data() {
     assert_eq!(w.refused(write(rp("dir"), 0), b"x"), libc::EISDIR);
     assert_eq!(w.refused(create(rp("dir")), &[]), libc::EISDIR);
     w.assert_outside_unchanged();
+}
+
+#[test]
+fn a_write_without_mtime_leaves_the_mirrors_own_and_setattr_sets_it() {
+    let mut w = World::new();
+    w.ok(create(rp("f")));
+    // With an mtime: exactly that one.
+    w.ok_with(write(rp("f"), 0), b"one");
+    assert_eq!(lstat(&w.m("f")).mtime(), 2_000);
+    // Without: the write's own (now), not the one before.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_else(|e| panic!("clock: {e}"));
+    w.ok_with(
+        Op::Write {
+            path: rp("f"),
+            offset: 3,
+            mtime: TimeSet::Omit,
+        },
+        b"two",
+    );
+    let md = lstat(&w.m("f"));
+    assert!(
+        md.mtime() >= before,
+        "mtime {} before the write",
+        md.mtime()
+    );
+    assert_eq!(std::fs::read(w.m("f")).unwrap_or_default(), b"onetwo");
+    // The exact one follows as a setattr.
+    w.ok(Op::SetAttr {
+        path: rp("f"),
+        mode: None,
+        uid: None,
+        gid: None,
+        size: None,
+        atime: TimeSet::Omit,
+        mtime: TimeSet::At(tn(3_000, 42)),
+    });
+    let md = lstat(&w.m("f"));
+    assert_eq!((md.mtime(), md.mtime_nsec()), (3_000, 42));
 }

@@ -28,7 +28,7 @@ pub use path::{PathError, RelPath};
 
 /// Version of the protocol spoken by this build. Both sides send it in the
 /// handshake; a mismatch ends the connection with a clear error.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest directory key a hello may carry.
 pub const MAX_DIR_KEY_BYTES: usize = 4096;
@@ -100,12 +100,14 @@ pub const RENAME_EXCHANGE: u32 = 2;
 /// after the call (None when the mount did not read it).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// Write the frame's payload at `offset`. `mtime` is the file's mtime
-    /// after the write.
+    /// Write the frame's payload at `offset`. `mtime`: the file's mtime
+    /// after the write, or `Omit` when the mount did not read it (the
+    /// mirror's write then leaves its own time, and a later `SetAttr`
+    /// carries the exact one; see the mount's mtime rule in fs-replica).
     Write {
         path: RelPath,
         offset: u64,
-        mtime: Timestamp,
+        mtime: TimeSet,
     },
     /// Create an empty regular file (fails on the mirror if the name exists
     /// as a non-regular file; an existing regular file is truncated to 0).
@@ -265,7 +267,9 @@ impl Op {
         }
         match self {
             Op::Write { offset, mtime, .. } => {
-                mtime.validate()?;
+                if let TimeSet::At(t) = mtime {
+                    t.validate()?;
+                }
                 if payload_len > MAX_WRITE_PAYLOAD {
                     return Err(ProtoError::Invalid("write payload too large"));
                 }

@@ -37,7 +37,7 @@ fn frame_roundtrip_with_payload() {
         op: Op::Write {
             path: p("dir/file"),
             offset: 4096,
-            mtime: Timestamp { sec: 1, nsec: 2 },
+            mtime: TimeSet::At(Timestamp { sec: 1, nsec: 2 }),
         },
     };
     let mut buf = Vec::new();
@@ -90,21 +90,21 @@ fn op_validation() {
     assert!(Op::Write {
         path: p("f"),
         offset: u64::MAX - 1,
-        mtime: t
+        mtime: TimeSet::At(t)
     }
     .validate(10)
     .is_err());
     assert!(Op::Write {
         path: p("f"),
         offset: 0,
-        mtime: bad_nsec
+        mtime: TimeSet::At(bad_nsec)
     }
     .validate(1)
     .is_err());
     assert!(Op::Write {
         path: p("f"),
         offset: 0,
-        mtime: t
+        mtime: TimeSet::At(t)
     }
     .validate(MAX_WRITE_PAYLOAD + 1)
     .is_err());

@@ -1,7 +1,7 @@
 use super::journal::{self, DirtyRecord, DirtySet};
 use super::plan::{plan, SyncAction};
 use super::*;
-use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, Timestamp};
+use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
@@ -137,7 +137,7 @@ fn journal_records_for_ops_and_dirty_cover() {
         &Op::Write {
             path: f.clone(),
             offset: 4096,
-            mtime: t,
+            mtime: TimeSet::At(t),
         },
         100,
     );

@@ -150,7 +150,10 @@ pub fn apply(root: RawFd, op: &Op, payload: &[u8]) -> Result<(), String> {
                 }
                 done += w as usize;
             }
-            utimes_at(d.as_raw_fd(), &n, OMIT, tspec(*mtime))
+            match mtime {
+                TimeSet::At(t) => utimes_at(d.as_raw_fd(), &n, OMIT, tspec(*t)),
+                TimeSet::Omit => Ok(()),
+            }
         }
         Op::Create {
             path,
