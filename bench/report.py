@@ -23,8 +23,9 @@ LABELS = {
     "gluster": "GlusterFS replica 2",
     "hapair": "hapair sync",
     "hapair-strict": "hapair strict",
+    "floor": "replication floor (no software)",
 }
-ORDER = ["native", "bindfs", "gluster", "hapair", "hapair-strict"]
+ORDER = ["native", "bindfs", "gluster", "hapair", "hapair-strict", "floor"]
 NAN = float("nan")
 MIB = 1 << 20
 GIB = 1 << 30
@@ -175,7 +176,8 @@ def main():
 
     # Ratios within this run.
     pairs = [("hapair", "native"), ("hapair", "gluster"), ("hapair", "bindfs"),
-             ("hapair-strict", "native"), ("hapair-strict", "hapair")]
+             ("hapair-strict", "native"), ("hapair-strict", "hapair"),
+             ("hapair", "floor"), ("floor", "native"), ("floor", "gluster")]
     keys = ["a", "d", "b", "b4", "c_create", "c_stat", "c_unlink"]
     p("### Ratios (same run)")
     p("")
@@ -215,6 +217,22 @@ def main():
     mem_ok = "–" if math.isnan(peak_kib) else ("yes" if peak_kib <= 128 * 1024 else "**no**")
     p(f"| peak RSS of every hapair process ≤ 128 MiB | {fmt(peak_kib / 1024, 1)} MiB | {mem_ok} |")
     p("")
+    if "floor" in m:
+        fb = get("floor", "b")
+        p("### Workload b against the replication floor (same run)")
+        p("")
+        p("The floor (bench/repl_floor.c) replicates each 4 KiB write + fsync over the "
+          "same veth and disk with no FUSE, no QUIC and no threads: one UDP datagram each "
+          "way. No replicated mount can beat it here; a b target above it cannot hold on "
+          "this machine.")
+        p("")
+        p("| figure | value |")
+        p("|---|---|")
+        p(f"| floor IOPS | {fmt(fb)} |")
+        p(f"| floor / native | {fmt(ratio(fb, get('native', 'b')), 2)} (target for hapair: 0.40) |")
+        p(f"| floor / GlusterFS | {fmt(ratio(fb, get('gluster', 'b')), 2)} (target for hapair: 3) |")
+        p(f"| hapair sync / floor | {fmt(ratio(h.get('b'), fb), 2)} |")
+        p("")
 
     # Replication cost.
     costs = []

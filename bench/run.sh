@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # hapair side by side with its peers, on this machine, in one run.
 #
-#   bash bench/run.sh [--quick] [--reps N] [--targets "native bindfs gluster hapair hapair-strict"]
+#   bash bench/run.sh [--quick] [--reps N] [--targets "native bindfs gluster hapair hapair-strict floor"]
 #                     [--out FILE] [--keep] [--selftest]
 #
 # As root. Installs what it needs (Debian packages), builds hapair in release
@@ -15,6 +15,10 @@
 #   hapair         hapair mount --mode sync, replicated to hapair mirror running in
 #                  a second network namespace over a veth link (10.210.0.0/16)
 #   hapair-strict  the same in strict mode (workloads a and b only)
+#   floor          workload b (1 job) only, by bench/repl_floor.c: each 4 KiB write
+#                  is sent in one UDP datagram over the same veth to a server in the
+#                  namespace that writes and fsyncs it, while the client fsyncs its
+#                  own copy: the best any replication can do here (no FUSE, no QUIC)
 # Repetitions are interleaved across targets so that ratios come from the
 # same stretch of time; the report (medians, ratios, the issue's targets, the
 # replication cost) is printed and saved in the results directory.
@@ -28,7 +32,7 @@ BENCH=$ROOT/bench
 PY=/usr/bin/python3
 
 MODE=full REPS="" TARGETS="" OUT="" KEEP=0
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) MODE=quick ;;
@@ -49,19 +53,20 @@ fi
 
 case $MODE in
     full)     SEQ=1G;   B_IOS=2000; C_FILES=10000; : "${REPS:=3}"
-              : "${TARGETS:=native bindfs gluster hapair hapair-strict}" ;;
+              : "${TARGETS:=native bindfs gluster hapair hapair-strict floor}" ;;
     quick)    SEQ=256M; B_IOS=500;  C_FILES=2000;  : "${REPS:=1}"
-              : "${TARGETS:=native bindfs gluster hapair hapair-strict}" ;;
+              : "${TARGETS:=native bindfs gluster hapair hapair-strict floor}" ;;
     selftest) SEQ=16M;  B_IOS=50;   C_FILES=200;   : "${REPS:=1}"
-              : "${TARGETS:=native hapair}" ;;
+              : "${TARGETS:=native hapair floor}" ;;
 esac
 case $REPS in ''|*[!0-9]*|0) echo "bench/run.sh: --reps must be a positive number" >&2; exit 2 ;; esac
 for t in $TARGETS; do
-    case $t in native|bindfs|gluster|hapair|hapair-strict) ;;
+    case $t in native|bindfs|gluster|hapair|hapair-strict|floor) ;;
         *) echo "bench/run.sh: unknown target '$t'" >&2; exit 2 ;; esac
 done
 has() { case " $TARGETS " in *" $1 "*) return 0 ;; esac; return 1; }
 has_hapair() { has hapair || has hapair-strict; }
+needs_netns() { has_hapair || has floor; }
 T0=$(date +%s)
 say() { printf '[bench %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 [ "$MODE" = full ] || say "$(echo "$MODE" | tr a-z A-Z) RUN: small sizes, $REPS repetition(s); figures are indicative only"
@@ -70,6 +75,7 @@ say() { printf '[bench %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
 declare -A NEED=([fio]=fio [iproute2]=ip [python3]=/usr/bin/python3 [fuse3]=fusermount3 [procps]=ps)
 has bindfs && NEED[bindfs]=bindfs
 has gluster && NEED[glusterfs-server]=glusterd && NEED[glusterfs-client]=mount.glusterfs
+has floor && NEED[gcc]=cc
 missing=()
 for pkg in "${!NEED[@]}"; do command -v "${NEED[$pkg]}" >/dev/null 2>&1 || missing+=("$pkg"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -205,7 +211,19 @@ setup_netns() {
     ip -n "$NS" addr add "$IP_M/24" dev "$VETH_M"
     ip -n "$NS" link set "$VETH_M" up
     ip -n "$NS" link set lo up
-    "$BIN" tls init "$WORK/tls" --nodes n1,n2 >/dev/null
+    if has_hapair; then "$BIN" tls init "$WORK/tls" --nodes n1,n2 >/dev/null; fi
+}
+
+FLOOR_PORT=7702
+floor_listening() { ip netns exec "$NS" ss -Hlun "sport = :$FLOOR_PORT" | grep -q .; }
+setup_floor() {
+    cc -O2 -o "$WORK/repl_floor" "$BENCH/repl_floor.c"
+    mkdir -p "$WORK/floor" "$WORK/floor-mirror"
+    ip netns exec "$NS" "$WORK/repl_floor" server "$WORK/floor-mirror/copy" "$IP_M" "$FLOOR_PORT" \
+        2>"$LOGS/floor-server.log" &
+    STARTED_PIDS+=($!)
+    wait_for 60 "the floor server" floor_listening
+    DIR[floor]=$WORK/floor
 }
 
 declare -A MOUNT_PID MIRROR_PID STATE_DIR
@@ -256,6 +274,12 @@ end() { is_hapair "$1" && cost "$@"; return 0; }
 suite() {  # $1 target, $2 rep
     local t=$1 r=$2 D=${DIR[$1]} O=$RES/$1
     mkdir -p "$O"
+    if [ "$t" = floor ]; then
+        say "[$t] rep $r: b 4 KiB write + fsync, 1 job, with no software in between"
+        timeout 300 "$WORK/repl_floor" client "$D/copy" "$IP_M" "$FLOOR_PORT" "$B_IOS" \
+            > "$O/randfsync.$r.json"
+        return 0
+    fi
     say "[$t] rep $r: a sequential write $SEQ"
     rm -f "$D/seq.dat"; drop_caches
     begin "$t"
@@ -302,11 +326,10 @@ say "work directory $WORK ($(stat -f -c %T "$WORK"), $(df --output=source "$WORK
 setup_native
 has bindfs && setup_bindfs
 has gluster && setup_gluster
-if has_hapair; then
-    setup_netns
-    has hapair && setup_hapair hapair sync 7700
-    has hapair-strict && setup_hapair hapair-strict strict 7701
-fi
+needs_netns && setup_netns
+has hapair && setup_hapair hapair sync 7700
+has hapair-strict && setup_hapair hapair-strict strict 7701
+has floor && setup_floor
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "load average before: $LOAD_BEFORE"
 for r in $(seq "$REPS"); do
@@ -353,8 +376,10 @@ res = sys.argv[1]
 want = ["seqwrite", "seqread", "randfsync", "randfsync4", "smallfiles"]
 bad = [f"{t}/{w}" for t in ("native", "hapair") for w in want
        if not glob.glob(os.path.join(res, t, f"{w}.1.json"))]
+if not glob.glob(os.path.join(res, "floor", "randfsync.1.json")):
+    bad.append("floor/randfsync")
 if bad:
     sys.exit(f"selftest: missing results: {bad}")
-print("selftest: every workload produced results on native and hapair")
+print("selftest: every workload produced results on native and hapair, and b on floor")
 EOF
 fi
