@@ -87,9 +87,13 @@ const XATTR_CAPS: &[u8] = b"security.capability";
 /// A written file's exact mtime is sent at least this often while it is
 /// written and synced (see "The mtime of written files" above).
 const MTIME_REPORT_INTERVAL: Duration = Duration::from_secs(1);
-/// Files whose mtime was sent are remembered (for the interval) up to this
-/// many; beyond, those whose interval has passed are forgotten.
+/// Files whose mtime was sent are remembered up to this many; beyond, all
+/// but those with an unsent mtime are forgotten (their next write then
+/// carries the exact mtime, as a first write does).
 const MTIME_TRACK_MAX: usize = 4096;
+/// At most this many files have an unsent mtime; beyond, a write carries
+/// the exact one (the cost of a stat) rather than leave one more unsent.
+const MTIME_PENDING_MAX: usize = 2048;
 
 /// Most backing entries examined when searching for a lost hard link name.
 const SCAN_LIMIT_ENTRIES: u64 = 2_000_000;
@@ -172,14 +176,73 @@ pub struct ReplicaFs {
     bufs: BufPool,
     /// Cleared when the backing refused a direct write.
     direct_ok: AtomicBool,
-    /// Written files by inode: when their exact mtime was last sent, and
-    /// whether a write since left it unsent.
-    mtimes: Mutex<HashMap<u64, MtimeSent>>,
+    /// Written files: when their exact mtime was last sent, and whether a
+    /// write since left it unsent.
+    mtimes: Mutex<Mtimes>,
+}
+
+#[derive(Default)]
+struct Mtimes {
+    /// By inode; at most `MTIME_TRACK_MAX` (+ 1 between two prunings).
+    sent: HashMap<u64, MtimeSent>,
+    /// Entries of `sent` with `pending` set; at most `MTIME_PENDING_MAX`.
+    pending: usize,
 }
 
 struct MtimeSent {
     at: Instant,
     pending: bool,
+}
+
+impl Mtimes {
+    /// A write of `ino` at `now`: true if it may leave the mtime unsent
+    /// (it is then pending), false if it must carry the exact one.
+    fn defer(&mut self, ino: u64, now: Instant) -> bool {
+        let Some(e) = self.sent.get_mut(&ino) else {
+            return false;
+        };
+        if now.saturating_duration_since(e.at) >= MTIME_REPORT_INTERVAL {
+            return false;
+        }
+        if !e.pending {
+            if self.pending >= MTIME_PENDING_MAX {
+                return false;
+            }
+            e.pending = true;
+            self.pending += 1;
+        }
+        true
+    }
+
+    /// The exact mtime of `ino` was sent at `at`.
+    fn sent(&mut self, ino: u64, at: Instant) {
+        if let Some(old) = self.sent.insert(ino, MtimeSent { at, pending: false }) {
+            if old.pending {
+                self.pending -= 1;
+            }
+        }
+        if self.sent.len() > MTIME_TRACK_MAX {
+            self.sent.retain(|_, e| e.pending);
+        }
+        assert!(self.pending <= MTIME_PENDING_MAX && self.pending <= self.sent.len());
+    }
+
+    /// Whether `ino` has an unsent mtime (and, with `only_if_due`, was last
+    /// sent at least `MTIME_REPORT_INTERVAL` before `now`).
+    fn due(&self, ino: u64, now: Instant, only_if_due: bool) -> bool {
+        self.sent.get(&ino).is_some_and(|e| {
+            e.pending
+                && (!only_if_due || now.saturating_duration_since(e.at) >= MTIME_REPORT_INTERVAL)
+        })
+    }
+
+    fn pending_inodes(&self) -> Vec<u64> {
+        self.sent
+            .iter()
+            .filter(|(_, e)| e.pending)
+            .map(|(ino, _)| *ino)
+            .collect()
+    }
 }
 
 thread_local! {
@@ -406,7 +469,7 @@ impl ReplicaFs {
             posix_acl: false,
             bufs: BufPool::default(),
             direct_ok: AtomicBool::new(true),
-            mtimes: Mutex::new(HashMap::new()),
+            mtimes: Mutex::new(Mtimes::default()),
         })
     }
 
@@ -508,46 +571,30 @@ impl ReplicaFs {
     /// `MTIME_REPORT_INTERVAL` ago, else `Omit`, noted as pending.
     fn write_mtime(&self, ino: u64, fd: BorrowedFd<'_>) -> R<TimeSet> {
         let now = Instant::now();
-        if let Some(e) = lock(&self.mtimes).get_mut(&ino) {
-            if now.duration_since(e.at) < MTIME_REPORT_INTERVAL {
-                e.pending = true;
-                return Ok(TimeSet::Omit);
-            }
+        if lock(&self.mtimes).defer(ino, now) {
+            return Ok(TimeSet::Omit);
         }
         let st = sys::fstat(fd)?;
-        self.mtime_sent(ino, now);
+        lock(&self.mtimes).sent(ino, now);
         Ok(TimeSet::At(mtime_of(&st)))
-    }
-
-    fn mtime_sent(&self, ino: u64, at: Instant) {
-        let mut m = lock(&self.mtimes);
-        m.insert(ino, MtimeSent { at, pending: false });
-        if m.len() > MTIME_TRACK_MAX {
-            m.retain(|_, e| e.pending || at.duration_since(e.at) < MTIME_REPORT_INTERVAL);
-        }
     }
 
     /// Sends the exact mtime of `ino` if a write left it unsent (and, with
     /// `only_if_due`, if it was last sent at least `MTIME_REPORT_INTERVAL`
     /// ago). Not waited for: it travels with the next operations.
     fn send_pending_mtime(&self, ino: u64, only_if_due: bool) -> R<()> {
-        let due = |m: &HashMap<u64, MtimeSent>| {
-            m.get(&ino).is_some_and(|e| {
-                e.pending && (!only_if_due || e.at.elapsed() >= MTIME_REPORT_INTERVAL)
-            })
-        };
-        if !due(&lock(&self.mtimes)) {
+        if !lock(&self.mtimes).due(ino, Instant::now(), only_if_due) {
             return Ok(());
         }
         let _order = lock(&self.order);
         // Another request may have sent it meanwhile.
-        if !due(&lock(&self.mtimes)) {
+        if !lock(&self.mtimes).due(ino, Instant::now(), only_if_due) {
             return Ok(());
         }
         let (fd, _) = self.node(ino)?;
         let path = self.record_path(ino, fd.as_fd())?;
         let st = sys::fstat(fd.as_fd())?;
-        self.mtime_sent(ino, Instant::now());
+        lock(&self.mtimes).sent(ino, Instant::now());
         if let Some(path) = path {
             self.rec().record(
                 Op::SetAttr {
@@ -575,11 +622,7 @@ impl ReplicaFs {
 
     /// Sends every unsent mtime (the mount is ending).
     fn send_all_pending_mtimes(&self) {
-        let pending: Vec<u64> = lock(&self.mtimes)
-            .iter()
-            .filter(|(_, e)| e.pending)
-            .map(|(ino, _)| *ino)
-            .collect();
+        let pending = lock(&self.mtimes).pending_inodes();
         for ino in pending {
             self.send_pending_mtime_logged(ino, false);
         }
@@ -2000,5 +2043,59 @@ impl Filesystem for ReplicaFs {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod mtime_tests {
+    use super::*;
+
+    #[test]
+    fn a_write_within_the_interval_is_deferred_once_and_counted() {
+        let t0 = Instant::now();
+        let mut m = Mtimes::default();
+        assert!(!m.defer(1, t0), "a first write carries the exact mtime");
+        m.sent(1, t0);
+        let soon = t0 + MTIME_REPORT_INTERVAL / 2;
+        assert!(m.defer(1, soon));
+        assert!(m.defer(1, soon), "still pending");
+        assert_eq!(m.pending, 1);
+        assert!(m.due(1, soon, false));
+        assert!(!m.due(1, soon, true), "not due before the interval");
+        assert!(m.due(1, t0 + MTIME_REPORT_INTERVAL, true));
+        assert!(!m.defer(1, t0 + MTIME_REPORT_INTERVAL), "after the interval: exact");
+        m.sent(1, t0 + MTIME_REPORT_INTERVAL);
+        assert_eq!(m.pending, 0);
+        assert!(!m.due(1, t0 + MTIME_REPORT_INTERVAL * 3, false));
+        assert!(m.pending_inodes().is_empty());
+    }
+
+    #[test]
+    fn unsent_mtimes_and_tracked_files_stay_bounded() {
+        let t0 = Instant::now();
+        let soon = t0 + MTIME_REPORT_INTERVAL / 2;
+        let mut m = Mtimes::default();
+        let n = (MTIME_PENDING_MAX + 10) as u64;
+        for ino in 0..n {
+            m.sent(ino, t0);
+        }
+        let deferred = (0..n).filter(|&ino| m.defer(ino, soon)).count();
+        assert_eq!(deferred, MTIME_PENDING_MAX, "beyond the cap a write is exact");
+        assert_eq!(m.pending, MTIME_PENDING_MAX);
+        // Many more files written once: the table is pruned to the pending
+        // ones, which are all kept.
+        for ino in n..n + 3 * MTIME_TRACK_MAX as u64 {
+            m.sent(ino, soon);
+            assert!(m.sent.len() <= MTIME_TRACK_MAX + 1);
+        }
+        assert_eq!(m.pending, MTIME_PENDING_MAX);
+        let mut pending = m.pending_inodes();
+        pending.sort_unstable();
+        assert_eq!(pending, (0..MTIME_PENDING_MAX as u64).collect::<Vec<_>>());
+        // Sending them frees the places.
+        for ino in pending {
+            m.sent(ino, soon);
+        }
+        assert_eq!(m.pending, 0);
     }
 }
