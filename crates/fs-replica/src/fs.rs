@@ -24,7 +24,7 @@
 //! that file a fine-grained timestamp (multigrain timestamps, Linux 6.13+):
 //! the inode is then dirtied by every write, and every fsync writes the
 //! inode block as well as the data (measured here: 4 KiB write + fsync at
-//! about 0.73 × the speed with a stat after each write). So a write is not
+//! about 0.70 × the speed with a stat after each write). So a write is not
 //! followed by a stat each time. Its `Op::Write` carries the exact mtime
 //! when the file's mtime was last sent at least `MTIME_REPORT_INTERVAL`
 //! ago (the first write of a file, say), and `TimeSet::Omit` otherwise: the
@@ -2063,7 +2063,10 @@ mod mtime_tests {
         assert!(m.due(1, soon, false));
         assert!(!m.due(1, soon, true), "not due before the interval");
         assert!(m.due(1, t0 + MTIME_REPORT_INTERVAL, true));
-        assert!(!m.defer(1, t0 + MTIME_REPORT_INTERVAL), "after the interval: exact");
+        assert!(
+            !m.defer(1, t0 + MTIME_REPORT_INTERVAL),
+            "after the interval: exact"
+        );
         m.sent(1, t0 + MTIME_REPORT_INTERVAL);
         assert_eq!(m.pending, 0);
         assert!(!m.due(1, t0 + MTIME_REPORT_INTERVAL * 3, false));
@@ -2080,7 +2083,10 @@ mod mtime_tests {
             m.sent(ino, t0);
         }
         let deferred = (0..n).filter(|&ino| m.defer(ino, soon)).count();
-        assert_eq!(deferred, MTIME_PENDING_MAX, "beyond the cap a write is exact");
+        assert_eq!(
+            deferred, MTIME_PENDING_MAX,
+            "beyond the cap a write is exact"
+        );
         assert_eq!(m.pending, MTIME_PENDING_MAX);
         // Many more files written once: the table is pruned to the pending
         // ones, which are all kept.
