@@ -172,6 +172,13 @@ pub struct ReplicaFs {
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask
     /// to the filesystem (FUSE_DONT_MASK).
     pub(crate) posix_acl: bool,
+    /// The kernel leaves the clearing of set-id bits on write, truncate and
+    /// chown to the filesystem (FUSE_HANDLE_KILLPRIV_V2), and then stops
+    /// asking for `security.capability` before every write.
+    killpriv_v2: bool,
+    /// Tells the kernel that cached attributes are stale (set once the
+    /// session exists): after set-id bits were cleared here behind a write.
+    pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// Buffers for direct writes (see `direct`).
     bufs: BufPool,
     /// Cleared when the backing refused a direct write.
@@ -433,6 +440,33 @@ impl Rec<'_> {
     }
 }
 
+/// The set-id bits a write or truncate by an unprivileged caller clears
+/// (the FUSE rule of KILLPRIV_V2): set-user-id, and set-group-id when the
+/// file is group-executable.
+fn setid_bits_to_kill(mode: u32) -> u32 {
+    let mut kill = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    kill
+}
+
+/// Whether the calling thread `tid` has CAP_FSETID in its effective set,
+/// read from /proc (if that fails: root is taken to have it, others not).
+/// Only asked about truncates of set-id files.
+fn has_cap_fsetid(tid: u32, uid: u32) -> bool {
+    const CAP_FSETID: u32 = 4;
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .map(|caps| caps & (1 << CAP_FSETID) != 0)
+        .unwrap_or(uid == 0)
+}
+
 fn join(parent: &RelPath, name: &[u8]) -> R<RelPath> {
     parent.join(name).map_err(|_| {
         if name.len() > 255 {
@@ -467,6 +501,8 @@ impl ReplicaFs {
             durable: Arc::new(AtomicU64::new(0)),
             writeback_cache: false,
             posix_acl: false,
+            killpriv_v2: false,
+            notifier: Arc::new(std::sync::OnceLock::new()),
             bufs: BufPool::default(),
             direct_ok: AtomicBool::new(true),
             mtimes: Mutex::new(Mtimes::default()),
@@ -925,6 +961,7 @@ impl ReplicaFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
+        caller: (u32, u32),
     ) -> R<FileAttr> {
         let (fd, kind) = self.node(ino)?;
         let handle = fh.and_then(|fh| self.file(fh).ok());
@@ -970,13 +1007,29 @@ impl ReplicaFs {
                         sys::ftruncate(wfd.as_fd(), s)?;
                     }
                 }
+                // What the kernel leaves to us with KILLPRIV_V2: a truncate
+                // by a caller without CAP_FSETID clears set-user-id, and
+                // set-group-id of a group-executable file (a mode given in
+                // the same request wins, as it does in the kernel).
+                let kill = setid_bits_to_kill(cur_perm);
+                if self.killpriv_v2
+                    && mode.is_none()
+                    && kill != 0
+                    && !has_cap_fsetid(caller.0, caller.1)
+                {
+                    cur_perm &= !kill;
+                    sys::fchmod(fd.as_fd(), cur_perm)?;
+                }
             }
             if atime.is_some() || mtime.is_some() {
                 sys::futimens(fd.as_fd(), &[to_timespec(atime), to_timespec(mtime)])?;
             }
             let post = sys::fstat(fd.as_fd())?;
+            // Any change of the mode is sent, also one made by the backing's
+            // chown or by the truncate above.
             let post_perm = post.st_mode & 0o7777;
-            let mode_out = (mode.is_some() || post_perm != cur_perm).then_some(post_perm);
+            let mode_out =
+                (mode.is_some() || post_perm != pre.st_mode & 0o7777).then_some(post_perm);
             let atime_out = if atime.is_some() {
                 TimeSet::At(ts(post.st_atime, post.st_atime_nsec))
             } else {
@@ -1201,7 +1254,7 @@ impl ReplicaFs {
             let (ifd, _) = self.node(ino)?;
             let path = self.record_path(ino, ifd.as_fd())?;
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                self.kill_suid(ifd.as_fd(), path.as_ref(), &mut rec)?;
+                self.kill_suid(ino, ifd.as_fd(), path.as_ref(), &mut rec)?;
             }
             // O_APPEND: place the write at the end ourselves, under the
             // ordering lock, so the recorded offset is the real one.
@@ -1302,17 +1355,28 @@ impl ReplicaFs {
 
     /// Clears set-user-id (and set-group-id when group-executable) as the
     /// kernel does on a write by a non-owner.
-    fn kill_suid(&self, fd: BorrowedFd<'_>, path: Option<&RelPath>, rec: &mut Rec<'_>) -> R<()> {
+    fn kill_suid(
+        &self,
+        ino: u64,
+        fd: BorrowedFd<'_>,
+        path: Option<&RelPath>,
+        rec: &mut Rec<'_>,
+    ) -> R<()> {
         let st = sys::fstat(fd)?;
-        let mut kill = st.st_mode & libc::S_ISUID;
-        if st.st_mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
-            kill |= libc::S_ISGID;
-        }
+        let kill = setid_bits_to_kill(st.st_mode);
         if kill == 0 {
             return Ok(());
         }
         let perm = st.st_mode & 0o7777 & !kill;
         sys::fchmod(fd, perm)?;
+        // The reply to a write or fallocate carries no attributes: the
+        // kernel would go on showing the old mode until its cache expires.
+        // Attributes only (a negative offset): no page is touched.
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(INodeNo(ino), -1, 0) {
+                tracing::warn!(ino, "cannot invalidate the kernel's attributes: {e}");
+            }
+        }
         if let Some(path) = path {
             rec.record(
                 Op::SetAttr {
@@ -1330,7 +1394,14 @@ impl ReplicaFs {
         Ok(())
     }
 
-    fn do_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> R<()> {
+    fn do_fallocate(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        caller: (u32, u32),
+    ) -> R<()> {
         let h = self.file(fh)?;
         let mut rec = self.rec();
         {
@@ -1338,6 +1409,15 @@ impl ReplicaFs {
             let (ifd, _) = self.node(h.ino)?;
             let path = self.record_path(h.ino, ifd.as_fd())?;
             sys::fallocate(h.fd.as_fd(), mode, offset, length)?;
+            // With KILLPRIV_V2 the kernel leaves this to us and does not
+            // flag it: as for a truncate, an fallocate by a caller without
+            // CAP_FSETID clears the set-id bits (ext4 does so too).
+            if self.killpriv_v2 {
+                let st = sys::fstat(h.fd.as_fd())?;
+                if setid_bits_to_kill(st.st_mode) != 0 && !has_cap_fsetid(caller.0, caller.1) {
+                    self.kill_suid(h.ino, ifd.as_fd(), path.as_ref(), &mut rec)?;
+                }
+            }
             if let Some(path) = path {
                 let st = sys::fstat(h.fd.as_fd())?;
                 rec.record(
@@ -1595,6 +1675,15 @@ impl Filesystem for ReplicaFs {
                 self.writeback_cache = false;
             }
         }
+        // The set-id bits are then cleared here: on write when the kernel
+        // says so (FUSE_WRITE_KILL_SUIDGID, see `kill_suid`), on truncate as
+        // the kernel would (`do_setattr`; fuser does not pass the kernel's
+        // FATTR_KILL_SUIDGID), on chown by the backing's own chown. File
+        // capabilities stay the kernel's: it still asks for them after any
+        // change of the file's attributes or xattrs (it clears S_NOSEC).
+        self.killpriv_v2 = config
+            .add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok();
         // FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS are deliberately not asked
         // for: the kernel then handles locks locally.
         Ok(())
@@ -1622,7 +1711,7 @@ impl Filesystem for ReplicaFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1638,7 +1727,8 @@ impl Filesystem for ReplicaFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        let caller = (req.pid(), req.uid());
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh, caller) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -2011,7 +2101,7 @@ impl Filesystem for ReplicaFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -2019,7 +2109,8 @@ impl Filesystem for ReplicaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode) {
+        let caller = (req.pid(), req.uid());
+        match self.do_fallocate(fh, offset, length, mode, caller) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

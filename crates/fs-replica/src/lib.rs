@@ -149,7 +149,12 @@ pub fn mount_blocking(
 ) -> anyhow::Result<()> {
     fs.writeback_cache = opts.writeback_cache;
     fs.posix_acl = opts.posix_acl;
-    fuser::mount(fs, mountpoint, &config(opts))
+    let notifier = fs.notifier.clone();
+    let session = fuser::Session::new(fs, mountpoint, &config(opts))
+        .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
+    session
+        .run()
         .with_context(|| format!("serving the FUSE mount at {}", mountpoint.display()))
 }
 
@@ -234,8 +239,10 @@ pub fn mount_background(
 ) -> anyhow::Result<MountHandle> {
     fs.writeback_cache = opts.writeback_cache;
     fs.posix_acl = opts.posix_acl;
+    let notifier = fs.notifier.clone();
     let mut session = fuser::Session::new(fs, mountpoint, &config(opts))
         .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     let unmounter = session.unmount_callable();
     let thread = std::thread::Builder::new()
         .name("hapair-fuse".to_string())

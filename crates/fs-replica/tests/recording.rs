@@ -152,6 +152,8 @@ fn hard_links_are_one_inode() {
 
 #[test]
 fn setattr_carries_resulting_times_and_split_chown() {
+    // Counts exact ops: no child process may flush a copy of its files.
+    let _no_spawns = no_spawns();
     let (_dir, rec, m) = setup();
     let p = m.mnt.join("f");
     fs::write(&p, b"0123456789").unwrap();
@@ -218,6 +220,8 @@ fn setattr_carries_resulting_times_and_split_chown() {
 
 #[test]
 fn sync_writes_and_fsync_are_durability_points() {
+    // Counts exact ops: no child process may flush a copy of its files.
+    let _no_spawns = no_spawns();
     let (_dir, rec, m) = setup();
     let p = m.mnt.join("s");
     let mut f = fs::OpenOptions::new()
@@ -383,11 +387,7 @@ fn dead_mount_is_cleared() {
         .join("examples/passthrough");
     assert!(example.exists(), "example built by cargo test: {example:?}");
     let mut child = Child(
-        std::process::Command::new(&example)
-            .arg(&b)
-            .arg(&mnt)
-            .spawn()
-            .unwrap(),
+        spawn(std::process::Command::new(&example).arg(&b).arg(&mnt)),
         mnt.clone(),
     );
     let mounted = |p: &std::path::Path| {
@@ -424,11 +424,11 @@ fn posix_acls_are_enforced_and_inherited() {
     fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
     let read = || as_nobody(&format!("cat {}", f.display()));
     assert!(!read().status.success());
-    let out = std::process::Command::new("setfacl")
-        .args(["-m", "u:65534:r"])
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = output(
+        &mut std::process::Command::new("setfacl")
+            .args(["-m", "u:65534:r"])
+            .arg(&f),
+    );
     assert!(out.status.success(), "{out:?}");
     let out = read();
     assert!(out.status.success(), "ACL grants read: {out:?}");
@@ -440,11 +440,11 @@ fn posix_acls_are_enforced_and_inherited() {
     // A default ACL is inherited by new entries, and beats the umask.
     let d = m.mnt.join("dacl");
     fs::create_dir(&d).unwrap();
-    let out = std::process::Command::new("setfacl")
-        .args(["-d", "-m", "u:65534:rwx"])
-        .arg(&d)
-        .output()
-        .unwrap();
+    let out = output(
+        &mut std::process::Command::new("setfacl")
+            .args(["-d", "-m", "u:65534:rwx"])
+            .arg(&d),
+    );
     assert!(out.status.success(), "{out:?}");
     let out = std::process::Command::new("sh")
         .arg("-c")
@@ -456,11 +456,11 @@ fn posix_acls_are_enforced_and_inherited() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let backing = dir.path().join("backing/dacl/inh");
-    let acl = std::process::Command::new("getfacl")
-        .arg("-cn")
-        .arg(&backing)
-        .output()
-        .unwrap();
+    let acl = output(
+        &mut std::process::Command::new("getfacl")
+            .arg("-cn")
+            .arg(&backing),
+    );
     let acl = String::from_utf8_lossy(&acl.stdout);
     assert!(acl.contains("user:65534:rwx\t#effective:rw-"), "{acl}");
     // Without a default ACL the application's umask applies.
@@ -519,6 +519,8 @@ fn mtimes_recorded(
 
 #[test]
 fn a_write_soon_after_another_leaves_the_mtime_to_a_later_setattr() {
+    // No child process may close a copy of the file meanwhile (a flush).
+    let _no_spawns = no_spawns();
     let (dir, rec, m) = setup();
     let mut f = fs::File::create(m.mnt.join("f")).unwrap();
     rec.clear();
@@ -559,6 +561,8 @@ fn a_write_soon_after_another_leaves_the_mtime_to_a_later_setattr() {
 
 #[test]
 fn closing_a_written_file_sends_its_pending_mtime() {
+    // No child process may close a copy of the file meanwhile (a flush).
+    let _no_spawns = no_spawns();
     let (dir, rec, m) = setup();
     let mut f = fs::File::create(m.mnt.join("f")).unwrap();
     f.write_all(b"first").unwrap();
@@ -577,6 +581,8 @@ fn closing_a_written_file_sends_its_pending_mtime() {
 
 #[test]
 fn a_sync_sends_the_pending_mtime_once_the_interval_has_passed() {
+    // No child process may close a copy of the file meanwhile (a flush).
+    let _no_spawns = no_spawns();
     let (dir, rec, m) = setup();
     let mut f = fs::File::create(m.mnt.join("f")).unwrap();
     f.write_all(b"first").unwrap();
@@ -601,4 +607,137 @@ fn a_sync_sends_the_pending_mtime_once_the_interval_has_passed() {
     let got = mtimes_recorded(&rec.ops(), &rp("f"));
     assert!(matches!(got.last(), Some(("write", Some(_)))), "{got:?}");
     drop(f);
+}
+
+/// The mode recorded last for `path` by a setattr that carried one.
+fn last_recorded_mode(ops: &[Op], path: &RelPath) -> Option<u32> {
+    ops.iter().rev().find_map(|o| match o {
+        Op::SetAttr {
+            path: p,
+            mode: Some(m),
+            ..
+        } if p == path => Some(*m),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_truncate_without_cap_fsetid_clears_set_id_bits_as_the_kernel_does() {
+    let (_dir, rec, m) = setup();
+    let run = |cmd: &[&str]| {
+        let out = output(&mut std::process::Command::new(cmd[0]).args(&cmd[1..]));
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    };
+    // (mode before, who truncates, mode after): set-user-id always goes,
+    // set-group-id only from a group-executable file; a caller with
+    // CAP_FSETID (root) keeps both; root without it loses them.
+    let cases: [(&str, u32, &str, u32); 5] = [
+        ("u", 0o4777, "nobody", 0o777),
+        ("g", 0o2777, "nobody", 0o777),
+        ("gx", 0o2766, "nobody", 0o2766),
+        ("root", 0o6777, "root", 0o6777),
+        ("nocap", 0o6777, "root-without-fsetid", 0o777),
+    ];
+    for (name, before, who, after) in cases {
+        let p = m.mnt.join(name);
+        fs::write(&p, b"some bytes").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+        rec.clear();
+        let target = p.to_str().unwrap();
+        match who {
+            "nobody" => {
+                let out = as_nobody(&format!("truncate -s 1 {target}"));
+                assert!(out.status.success(), "{out:?}");
+            }
+            "root" => run(&["truncate", "-s", "1", target]),
+            _ => run(&[
+                "setpriv",
+                "--inh-caps=-fsetid",
+                "--bounding-set=-fsetid",
+                "truncate",
+                "-s",
+                "1",
+                target,
+            ]),
+        }
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(md.len(), 1, "{name}");
+        assert_eq!(
+            md.mode() & 0o7777,
+            after,
+            "{name}: {who} truncating {before:o}"
+        );
+        let ops = rec.ops();
+        if after != before {
+            assert_eq!(
+                last_recorded_mode(&ops, &rp(name)),
+                Some(after),
+                "{name}: {ops:#?}"
+            );
+        } else {
+            assert_eq!(
+                last_recorded_mode(&ops, &rp(name)),
+                None,
+                "{name}: {ops:#?}"
+            );
+        }
+    }
+    // An O_TRUNC open by an unprivileged caller is a truncate too.
+    let p = m.mnt.join("otrunc");
+    fs::write(&p, b"x").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o4777)).unwrap();
+    let out = as_nobody(&format!(": > {}", p.display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o777);
+    m.unmount();
+}
+
+#[test]
+fn set_id_bits_cleared_behind_a_write_or_fallocate_show_at_once() {
+    let (dir, rec, m) = setup();
+    let p = m.mnt.join("f");
+    fs::write(&p, b"data").unwrap();
+    // `stat -c %a` asks for the mode only: the kernel answers it from its
+    // cache unless told the cache is stale.
+    let mode_seen = || {
+        let out = output(
+            std::process::Command::new("stat")
+                .args(["-c", "%a"])
+                .arg(&p),
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let backing_mode = || fs::metadata(dir.path().join("backing/f")).unwrap().mode() & 0o7777;
+    for (what, script) in [
+        ("write", format!("echo more >> {}", p.display())),
+        ("fallocate", format!("fallocate -l 65536 {}", p.display())),
+    ] {
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o4777)).unwrap();
+        assert_eq!(mode_seen(), "4777");
+        rec.clear();
+        let out = as_nobody(&script);
+        assert!(out.status.success(), "{what}: {out:?}");
+        assert_eq!(backing_mode(), 0o777, "{what}");
+        assert_eq!(
+            mode_seen(),
+            "777",
+            "{what}: the mount still shows the old mode"
+        );
+        assert_eq!(
+            last_recorded_mode(&rec.ops(), &rp("f")),
+            Some(0o777),
+            "{what}"
+        );
+    }
+    // By root (CAP_FSETID) the bits stay, as on ext4.
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o4777)).unwrap();
+    let out = output(
+        std::process::Command::new("fallocate")
+            .args(["-l", "131072"])
+            .arg(&p),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode_seen(), "4777");
+    m.unmount();
 }

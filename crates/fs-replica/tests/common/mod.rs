@@ -87,8 +87,40 @@ pub fn mount(backing: &Path, mnt: &Path, repl: Arc<dyn Replicator>) -> Mounted {
     }
 }
 
+/// A child process holds, until its exec, a copy of every descriptor of
+/// the test process, other tests' open files included; closing them sends
+/// those files a FLUSH. Tests that check what a flush does hold
+/// `no_spawns()`; every child is started under `spawning()`.
+static SPAWN: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn spawning() -> std::sync::RwLockReadGuard<'static, ()> {
+    // Never taken twice by one thread: a waiting writer would block the
+    // second read for good.
+    SPAWN.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn no_spawns() -> std::sync::RwLockWriteGuard<'static, ()> {
+    SPAWN.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `cmd` to its end (see `SPAWN`). Panics if it cannot be started.
+pub fn output(cmd: &mut std::process::Command) -> std::process::Output {
+    let _spawning = spawning();
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Starts `cmd` (see `SPAWN`: the copies are closed by its exec, which
+/// `spawn` waits for). Panics if it cannot be started.
+pub fn spawn(cmd: &mut std::process::Command) -> std::process::Child {
+    let _spawning = spawning();
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
 /// Runs a shell command as uid/gid 65534 (nobody:nogroup).
 pub fn as_nobody(script: &str) -> std::process::Output {
+    let _spawning = spawning();
     std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
