@@ -1,7 +1,8 @@
-//! The benchmark still works: `bench/run.sh --selftest` measures native and
-//! hapair (a mount and its mirror in a network namespace) with tiny sizes,
-//! prints its report and removes everything it created. Not a timed test:
-//! no figure is checked, only that every workload produced one.
+//! The benchmark still works: `bench/run.sh --selftest` measures native,
+//! hapair (a mount and its mirror in a network namespace) and the
+//! replication floor (workload b only) with tiny sizes, prints its report
+//! and removes everything it created. Not a timed test: no figure is
+//! checked, only that every workload produced one.
 
 use hapair_tests::proc::run_bounded;
 use hapair_tests::{env, TestDir};
