@@ -425,7 +425,7 @@ fn posix_acls_are_enforced_and_inherited() {
     let read = || as_nobody(&format!("cat {}", f.display()));
     assert!(!read().status.success());
     let out = output(
-        &mut std::process::Command::new("setfacl")
+        std::process::Command::new("setfacl")
             .args(["-m", "u:65534:r"])
             .arg(&f),
     );
@@ -441,7 +441,7 @@ fn posix_acls_are_enforced_and_inherited() {
     let d = m.mnt.join("dacl");
     fs::create_dir(&d).unwrap();
     let out = output(
-        &mut std::process::Command::new("setfacl")
+        std::process::Command::new("setfacl")
             .args(["-d", "-m", "u:65534:rwx"])
             .arg(&d),
     );
@@ -457,7 +457,7 @@ fn posix_acls_are_enforced_and_inherited() {
     assert!(out.status.success(), "{out:?}");
     let backing = dir.path().join("backing/dacl/inh");
     let acl = output(
-        &mut std::process::Command::new("getfacl")
+        std::process::Command::new("getfacl")
             .arg("-cn")
             .arg(&backing),
     );
@@ -625,7 +625,7 @@ fn last_recorded_mode(ops: &[Op], path: &RelPath) -> Option<u32> {
 fn a_truncate_without_cap_fsetid_clears_set_id_bits_as_the_kernel_does() {
     let (_dir, rec, m) = setup();
     let run = |cmd: &[&str]| {
-        let out = output(&mut std::process::Command::new(cmd[0]).args(&cmd[1..]));
+        let out = output(std::process::Command::new(cmd[0]).args(&cmd[1..]));
         assert!(out.status.success(), "{cmd:?}: {out:?}");
     };
     // (mode before, who truncates, mode after): set-user-id always goes,
