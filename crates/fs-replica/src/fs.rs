@@ -30,8 +30,9 @@
 //! ago (the first write of a file, say), and `TimeSet::Omit` otherwise: the
 //! mirror's write then leaves the mirror's own time, and the exact mtime
 //! follows as a `SetAttr` when it is read anyway (getattr), when the file
-//! is closed (flush, or the release of its last handle), at a durability point of the file once the
-//! interval has passed, and when the mount ends. While a file keeps being
+//! is closed (flush, or the release of its last handle), at a durability
+//! point of the file once the interval has passed, and when the mount
+//! ends. While a file keeps being
 //! written and synced, the mirror's mtime of it is thus exact at least
 //! every interval and otherwise the mirror's write time (milliseconds
 //! apart); everything else (data, sizes, modes, owners, the other times)
@@ -172,12 +173,14 @@ pub struct ReplicaFs {
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask
     /// to the filesystem (FUSE_DONT_MASK).
     pub(crate) posix_acl: bool,
-    /// The kernel leaves the clearing of set-id bits on write, truncate and
-    /// chown to the filesystem (FUSE_HANDLE_KILLPRIV_V2), and then stops
-    /// asking for `security.capability` before every write.
+    /// The kernel leaves the clearing of set-id bits (on write, truncate,
+    /// chown; fallocate it leaves alone) to the filesystem
+    /// (FUSE_HANDLE_KILLPRIV_V2), and then stops asking for
+    /// `security.capability` before every write.
     killpriv_v2: bool,
     /// Tells the kernel that cached attributes are stale (set once the
-    /// session exists): after set-id bits were cleared here behind a write.
+    /// session exists): after set-id bits were cleared here behind a write
+    /// or fallocate.
     pub(crate) notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
     /// Buffers for direct writes (see `direct`).
     bufs: BufPool,
@@ -453,7 +456,7 @@ fn setid_bits_to_kill(mode: u32) -> u32 {
 
 /// Whether the calling thread `tid` has CAP_FSETID in its effective set,
 /// read from /proc (if that fails: root is taken to have it, others not).
-/// Only asked about truncates of set-id files.
+/// Only asked about truncates and fallocates of set-id files.
 fn has_cap_fsetid(tid: u32, uid: u32) -> bool {
     const CAP_FSETID: u32 = 4;
     std::fs::read_to_string(format!("/proc/{tid}/status"))

@@ -559,54 +559,73 @@ fn a_write_soon_after_another_leaves_the_mtime_to_a_later_setattr() {
     );
 }
 
-#[test]
-fn closing_a_written_file_sends_its_pending_mtime() {
-    // No child process may close a copy of the file meanwhile (a flush).
-    let _no_spawns = no_spawns();
+/// A mount with file "f" written twice within the interval (the second
+/// write left its mtime unsent; the recorder holds only that write), and
+/// no child process started meanwhile (its exec would flush "f").
+/// Fields drop in this order: the file, the mount, then its directories.
+struct WrittenTwice {
+    /// `None` once closed.
+    f: Option<fs::File>,
+    _m: Mounted,
+    rec: Arc<Recorder>,
+    dir: tempfile::TempDir,
+    _no_spawns: std::sync::RwLockWriteGuard<'static, ()>,
+}
+
+fn written_twice() -> WrittenTwice {
+    let no_spawns = no_spawns();
     let (dir, rec, m) = setup();
     let mut f = fs::File::create(m.mnt.join("f")).unwrap();
     f.write_all(b"first").unwrap();
     rec.clear();
     f.write_all(b"second").unwrap();
     assert_eq!(mtimes_recorded(&rec.ops(), &rp("f")), [("write", None)]);
-    drop(f);
-    let want = backing_mtime(&dir, "f");
-    let ops = rec.ops();
-    assert_eq!(
-        mtimes_recorded(&ops, &rp("f")),
-        [("write", None), ("setattr", Some(want))],
-        "{ops:#?}"
-    );
+    WrittenTwice {
+        _no_spawns: no_spawns,
+        dir,
+        rec,
+        _m: m,
+        f: Some(f),
+    }
+}
+
+impl WrittenTwice {
+    /// The pending mtime was sent, exactly once, and is the backing's.
+    fn assert_sent(&self) {
+        let want = backing_mtime(&self.dir, "f");
+        let ops = self.rec.ops();
+        assert_eq!(
+            mtimes_recorded(&ops, &rp("f")),
+            [("write", None), ("setattr", Some(want))],
+            "{ops:#?}"
+        );
+    }
+}
+
+#[test]
+fn closing_a_written_file_sends_its_pending_mtime() {
+    let mut w = written_twice();
+    drop(w.f.take());
+    w.assert_sent();
 }
 
 #[test]
 fn a_sync_sends_the_pending_mtime_once_the_interval_has_passed() {
-    // No child process may close a copy of the file meanwhile (a flush).
-    let _no_spawns = no_spawns();
-    let (dir, rec, m) = setup();
-    let mut f = fs::File::create(m.mnt.join("f")).unwrap();
-    f.write_all(b"first").unwrap();
-    rec.clear();
-    f.write_all(b"second").unwrap();
+    let mut w = written_twice();
+    let f = w.f.as_mut().unwrap();
     // Within the interval: the sync does not send it (that would put a
     // stat between every write and the next).
     f.sync_all().unwrap();
-    assert_eq!(mtimes_recorded(&rec.ops(), &rp("f")), [("write", None)]);
+    assert_eq!(mtimes_recorded(&w.rec.ops(), &rp("f")), [("write", None)]);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     f.sync_all().unwrap();
-    let ops = rec.ops();
-    let want = backing_mtime(&dir, "f");
-    assert_eq!(
-        mtimes_recorded(&ops, &rp("f")),
-        [("write", None), ("setattr", Some(want))],
-        "{ops:#?}"
-    );
+    w.assert_sent();
+    let f = w.f.as_mut().unwrap();
     // And the next write, after the interval, carries it again.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     f.write_all(b"third").unwrap();
-    let got = mtimes_recorded(&rec.ops(), &rp("f"));
+    let got = mtimes_recorded(&w.rec.ops(), &rp("f"));
     assert!(matches!(got.last(), Some(("write", Some(_)))), "{got:?}");
-    drop(f);
 }
 
 /// The mode recorded last for `path` by a setattr that carried one.
