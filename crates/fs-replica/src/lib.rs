@@ -189,6 +189,10 @@ impl MountHandle {
         match self.unmounter.unmount() {
             Ok(()) => match thread.join() {
                 Ok(Ok(())) => Ok(()),
+                // Unmounting while requests are in flight can end a
+                // worker's read with ECONNABORTED instead of ENODEV: the
+                // end this unmount asked for.
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
                 Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!(
                     "FUSE session of {} ended with an error",
                     self.mountpoint.display()

@@ -21,6 +21,7 @@ use hapair_transport::{FrameReader, FrameWriter, TlsMaterial};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{error, info, warn};
@@ -298,9 +299,12 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?;
     let pause = fs.ordering_lock();
     let dir = a.dir.clone();
+    let asked_to_unmount = Arc::new(AtomicBool::new(false));
+    let asked = asked_to_unmount.clone();
     rt.spawn(async move {
         crate::mirror_server::shutdown_signal().await;
         info!("signal received: unmounting {}", dir.display());
+        asked.store(true, Ordering::SeqCst);
         crate::unmount(&dir);
     });
     rt.spawn(rejoin_loop(
@@ -317,7 +321,17 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     info!(dir = %a.dir.display(), mode = %a.link.mode, "serving");
-    let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts);
+    let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts).or_else(|e| {
+        // Unmounting while requests are in flight can end a FUSE worker's
+        // read with ECONNABORTED instead of ENODEV: after our own unmount
+        // that is the end we asked for, not a failure.
+        if asked_to_unmount.load(Ordering::SeqCst) && is_errno(&e, libc::ECONNABORTED) {
+            info!("FUSE connection ended by the unmount ({e:#})");
+            Ok(())
+        } else {
+            Err(e)
+        }
+    });
     let clean = rt.block_on(async {
         let c = client.clone();
         tokio::task::spawn_blocking(move || c.shutdown())
@@ -332,6 +346,14 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     }
     rt.shutdown_timeout(Duration::from_secs(2));
     served
+}
+
+/// Whether an OS error with this errno is somewhere in `e`'s chain.
+fn is_errno(e: &anyhow::Error, errno: i32) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(errno))
+    })
 }
 
 /// While the mount is degraded, tries every `every_ms` to rejoin the mirror.
@@ -375,5 +397,25 @@ async fn rejoin_loop(
             Ok(Err(e)) => warn!("rejoining the mirror failed: {e:#}"),
             Err(e) => error!("rejoin task failed: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_errno;
+    use anyhow::Context;
+
+    #[test]
+    fn finds_an_errno_below_the_context() {
+        let io = std::io::Error::from_raw_os_error(libc::ECONNABORTED);
+        let e = Err::<(), _>(io)
+            .context("serving the FUSE mount")
+            .unwrap_err();
+        assert!(is_errno(&e, libc::ECONNABORTED));
+        assert!(!is_errno(&e, libc::ENODEV));
+        assert!(!is_errno(
+            &anyhow::anyhow!("no OS error here"),
+            libc::ECONNABORTED
+        ));
     }
 }
