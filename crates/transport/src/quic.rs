@@ -66,7 +66,19 @@ pub struct TransportTuning {
     /// The longest the peer may delay an acknowledgement (clamped by quinn
     /// to at most the greater of the RTT and 25 ms).
     pub max_ack_delay: Duration,
+    /// The largest UDP payload this endpoint accepts and looks for with
+    /// path MTU discovery (padded probes, acknowledged or lost: a path with
+    /// a smaller MTU costs a few lost probes). Packets start at 1,200 bytes
+    /// and grow to what the path carries, up to this.
+    pub max_udp_payload_bytes: u16,
 }
+
+/// The default [`TransportTuning::max_udp_payload_bytes`]: packets up to
+/// this size on a link with jumbo frames. quinn sends up to 10 packets in
+/// one GSO send, which must fit in one 64 KiB UDP datagram: 10 × 6,500
+/// does; 10 × 8,972 (a 9,000-byte frame) did not, and quinn took the
+/// failed sends for a black hole and fell back to 1,200-byte packets.
+pub const MAX_UDP_PAYLOAD_BYTES: u16 = 6_500;
 
 impl Default for TransportTuning {
     fn default() -> Self {
@@ -81,6 +93,7 @@ impl Default for TransportTuning {
             max_concurrent_bidi_streams: 16,
             ack_eliciting_threshold: 32,
             max_ack_delay: Duration::from_millis(5),
+            max_udp_payload_bytes: MAX_UDP_PAYLOAD_BYTES,
         }
     }
 }
@@ -118,6 +131,9 @@ impl TransportTuning {
         ack.ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold))
             .max_ack_delay(Some(self.max_ack_delay));
         t.ack_frequency_config(Some(ack));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload_bytes);
+        t.mtu_discovery_config(Some(mtu));
         Ok(t)
     }
 }
@@ -195,17 +211,27 @@ fn size_socket_buffers(socket: &std::net::UdpSocket, addr: SocketAddr) -> [usize
 }
 
 /// An endpoint over a new UDP socket bound to `addr`.
-fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+fn endpoint(
+    addr: SocketAddr,
+    tuning: &TransportTuning,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint> {
+    // The largest payload accepted, which is also announced to the peer
+    // (its MTU discovery stops there).
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(tuning.max_udp_payload_bytes)
+        .map_err(|_| {
+            anyhow!(
+                "UDP payload size {} is out of range (1200-65527)",
+                tuning.max_udp_payload_bytes
+            )
+        })?;
     let socket = std::net::UdpSocket::bind(addr)
         .with_context(|| format!("cannot bind a UDP socket on {addr}"))?;
     size_socket_buffers(&socket, addr);
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .with_context(|| format!("cannot start a QUIC endpoint on UDP {addr}"))
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .with_context(|| format!("cannot start a QUIC endpoint on UDP {addr}"))
 }
 
 /// A QUIC server endpoint bound to `addr` with default tuning. See
@@ -252,7 +278,7 @@ pub fn server_endpoint_with(
         QuicServerConfig::try_from(cfg).context("the TLS configuration is not usable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(tuning.transport_config()?));
-    endpoint(addr, Some(server)).with_context(|| format!("cannot listen on UDP {addr}"))
+    endpoint(addr, tuning, Some(server)).with_context(|| format!("cannot listen on UDP {addr}"))
 }
 
 /// A client endpoint with default tuning. See [`client_endpoint_with`].
@@ -302,7 +328,7 @@ pub fn client_endpoint_with(
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let mut ep = endpoint(bind, None)?;
+    let mut ep = endpoint(bind, tuning, None)?;
     ep.set_default_client_config(client);
     Ok(ep)
 }

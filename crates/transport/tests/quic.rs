@@ -599,6 +599,16 @@ async fn keepalive_holds_an_idle_connection_and_tuning_is_checked() {
     };
     assert!(server_endpoint_with(loopback(), &m[1], ALPN_REPLICATION, &bad).is_err());
     assert!(client_endpoint_with(addr, &m[0], ALPN_REPLICATION, &bad).is_err());
+
+    // QUIC packets are at least 1,200 bytes: a smaller UDP payload limit
+    // is refused with a message naming the range.
+    let small = TransportTuning {
+        max_udp_payload_bytes: 1000,
+        ..TransportTuning::default()
+    };
+    let e = server_endpoint_with(loopback(), &m[1], ALPN_REPLICATION, &small).unwrap_err();
+    assert!(format!("{e:#}").contains("1200-65527"), "{e:#}");
+    assert!(client_endpoint_with(addr, &m[0], ALPN_REPLICATION, &small).is_err());
 }
 
 /// A plain rustls/quinn client endpoint, built without this crate: it trusts

@@ -42,6 +42,8 @@ pub fn tuning(interval_ms: u64, timeout_ms: u64) -> TransportTuning {
         // pace (the replication's batching tuning does not apply here).
         ack_eliciting_threshold: 1,
         max_ack_delay: Duration::from_millis(25),
+        // Small datagrams only: quinn's Ethernet-sized default.
+        max_udp_payload_bytes: 1472,
     }
 }
 
