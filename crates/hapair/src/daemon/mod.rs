@@ -63,6 +63,7 @@ struct Daemon {
     peer_conns: Vec<quinn::Connection>,
     witness: Option<Link>,
     mounts: mpsc::Sender<MountCmd>,
+    mounts_view: mounts::MountsView,
     mirror: mounts::Mirror,
     specs: Vec<DirSpec>,
     vip: Option<vipctl::VipCtl>,
@@ -226,7 +227,7 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
         )
     });
 
-    let mounts = mounts::spawn(
+    let (mounts, mounts_view) = mounts::spawn(
         specs.clone(),
         mounts::Peer {
             addr: SocketAddr::new(peer.address, cfg.repl_port),
@@ -307,6 +308,7 @@ async fn main(cfg: Config, me: String) -> anyhow::Result<()> {
         peer_conns: Vec::new(),
         witness,
         mounts,
+        mounts_view,
         mirror: mounts::Mirror::idle(),
         specs,
         vip,
@@ -477,7 +479,7 @@ impl Daemon {
         use admin::Request as R;
         let cmd = match a.req {
             R::Status => {
-                let s = self.status_json().await;
+                let s = self.status_json();
                 let _ = a.reply.send(admin::Response::Status(s));
                 return Vec::new();
             }
@@ -664,18 +666,11 @@ impl Daemon {
         rfc3339(self.started_wall + Duration::from_millis(at_ms))
     }
 
-    async fn status_json(&self) -> serde_json::Value {
+    fn status_json(&self) -> serde_json::Value {
         let s = self.core.status();
-        let (tx, rx) = oneshot::channel();
-        let dirs = if self.mounts.send(MountCmd::Status(tx)).await.is_ok() {
-            tokio::time::timeout(Duration::from_secs(5), rx)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        // Not through the mounts' actor: it may be busy for seconds with
+        // an unmount or a resync, and this loop must keep pinging the guard.
+        let dirs = self.mounts_view.status();
         let now = s.now_ms;
         let peer_primary = s.peer.alive && s.peer.state.is_some_and(|st| st.is_primary());
         let vip_holder = if s.resources.vip {

@@ -8,6 +8,12 @@
 //! itself to go on without its mirror: when the mirror is lost its callers
 //! are held until the supervisor allows it (`AllowAlone`, after it made
 //! sure the peer cannot serve) or tears the mount down (then they fail).
+//!
+//! What `hapair status` shows of them is read from a [`MountsView`] that the
+//! actor keeps up to date, never by asking the actor: a mount, an unmount
+//! that flushes to the mirror or a resync keeps the actor busy for seconds,
+//! and the supervisor's loop, which answers the status, must not wait on
+//! that (it pings the fencing guard, which fences after a short silence).
 
 use crate::client::ReplClient;
 use crate::mirror_server::{Accept, MirrorDirs};
@@ -59,7 +65,6 @@ pub enum MountCmd {
     Unmount { flush: bool },
     Resync { full: bool },
     AllowAlone { gen: u64 },
-    Status(oneshot::Sender<Vec<DirStatus>>),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -69,6 +74,71 @@ pub struct DirStatus {
     pub mounted: bool,
     pub replication: Option<crate::client::ClientStats>,
     pub last_resync: Option<mount::JoinStats>,
+}
+
+/// The mounts as `hapair status` shows them: written by the actor when a
+/// mount comes up or goes away and by a resync when it ends, read without
+/// waiting for the actor.
+#[derive(Clone)]
+pub struct MountsView {
+    specs: Vec<DirSpec>,
+    inner: Arc<Mutex<ViewInner>>,
+}
+
+struct ViewInner {
+    /// The replication client of each mounted directory.
+    clients: Vec<Option<ReplClient>>,
+    last_join: Vec<Option<mount::JoinStats>>,
+}
+
+impl MountsView {
+    fn new(specs: Vec<DirSpec>) -> MountsView {
+        let n = specs.len();
+        MountsView {
+            specs,
+            inner: Arc::new(Mutex::new(ViewInner {
+                clients: vec![None; n],
+                last_join: vec![None; n],
+            })),
+        }
+    }
+
+    fn set_mounted(&self, clients: Option<Vec<ReplClient>>) {
+        let mut v = lock(&self.inner);
+        let n = v.clients.len();
+        v.clients = match clients {
+            Some(c) => c.into_iter().map(Some).collect(),
+            None => vec![None; n],
+        };
+        assert_eq!(v.clients.len(), n, "one client per replicated directory");
+    }
+
+    fn set_last_join(&self, i: usize, stats: mount::JoinStats) {
+        if let Some(slot) = lock(&self.inner).last_join.get_mut(i) {
+            *slot = Some(stats);
+        }
+    }
+
+    /// Each directory's status now. Never waits for a mount, an unmount or
+    /// a resync in progress: it takes only this view's lock and each
+    /// client's own (held for bookkeeping, never across I/O waits).
+    pub fn status(&self) -> Vec<DirStatus> {
+        let (clients, joins) = {
+            let v = lock(&self.inner);
+            (v.clients.clone(), v.last_join.clone())
+        };
+        self.specs
+            .iter()
+            .zip(clients.into_iter().zip(joins))
+            .map(|(s, (c, j))| DirStatus {
+                dir: s.key.clone(),
+                path: s.local.display().to_string(),
+                mounted: c.is_some(),
+                replication: c.map(|c| c.stats()),
+                last_resync: j,
+            })
+            .collect()
+    }
 }
 
 struct ActiveDir {
@@ -92,14 +162,14 @@ pub fn spawn(
     peer: Peer,
     settings: MountSettings,
     events: mpsc::Sender<Event>,
-) -> mpsc::Sender<MountCmd> {
+) -> (mpsc::Sender<MountCmd>, MountsView) {
     let (tx, mut rx) = mpsc::channel::<MountCmd>(32);
+    let view = MountsView::new(specs.clone());
+    let view_out = view.clone();
     tokio::spawn(async move {
         let mut active: Option<Active> = None;
         let mut alone: Option<u64> = None;
         let mut join: Option<tokio::task::JoinHandle<()>> = None;
-        let last_join: Arc<Mutex<Vec<Option<mount::JoinStats>>>> =
-            Arc::new(Mutex::new(vec![None; specs.len()]));
         while let Some(cmd) = rx.recv().await {
             match cmd {
                 MountCmd::Mount => {
@@ -111,6 +181,7 @@ pub fn spawn(
                     let r = tokio::task::spawn_blocking(move || mount_all(&s, &st, allowed)).await;
                     match r {
                         Ok(Ok(dirs)) => {
+                            view.set_mounted(Some(dirs.iter().map(|d| d.client.clone()).collect()));
                             let dirs: Vec<_> =
                                 dirs.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
                             let monitor = tokio::spawn(monitor(dirs.clone(), events.clone()));
@@ -129,7 +200,7 @@ pub fn spawn(
                                     settings.clone(),
                                     false,
                                     events.clone(),
-                                    last_join.clone(),
+                                    view.clone(),
                                 ));
                             }
                             active = Some(Active { dirs, monitor });
@@ -167,6 +238,7 @@ pub fn spawn(
                         a.monitor.abort();
                         let dirs = a.dirs;
                         let _ = tokio::task::spawn_blocking(move || unmount_all(dirs, flush)).await;
+                        view.set_mounted(None);
                     }
                     let _ = events.send(Event::Unmounted).await;
                 }
@@ -185,7 +257,7 @@ pub fn spawn(
                         settings.clone(),
                         full,
                         events.clone(),
-                        last_join.clone(),
+                        view.clone(),
                     ));
                 }
                 MountCmd::AllowAlone { gen } => {
@@ -208,28 +280,10 @@ pub fn spawn(
                         }
                     }
                 }
-                MountCmd::Status(reply) => {
-                    let joins = lock(&last_join).clone();
-                    let v = specs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, s)| {
-                            let d = active.as_ref().map(|a| a.dirs[i].clone());
-                            DirStatus {
-                                dir: s.key.clone(),
-                                path: s.local.display().to_string(),
-                                mounted: d.is_some(),
-                                replication: d.map(|d| lock(&d).client.stats()),
-                                last_resync: joins.get(i).cloned().flatten(),
-                            }
-                        })
-                        .collect();
-                    let _ = reply.send(v);
-                }
             }
         }
     });
-    tx
+    (tx, view_out)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -347,7 +401,7 @@ fn spawn_join(
     st: MountSettings,
     full: bool,
     events: mpsc::Sender<Event>,
-    last: Arc<Mutex<Vec<Option<mount::JoinStats>>>>,
+    view: MountsView,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for (i, d) in dirs.iter().enumerate() {
@@ -413,9 +467,7 @@ fn spawn_join(
             match r {
                 Ok(Ok(stats)) => {
                     info!(dir = key, ?stats, "secondary caught up");
-                    if let Some(slot) = lock(&last).get_mut(i) {
-                        *slot = Some(stats);
-                    }
+                    view.set_last_join(i, stats);
                 }
                 Ok(Err(e)) => {
                     let reason = format!("resync of {key} failed: {e:#}");
@@ -558,4 +610,83 @@ fn prepare_mirror_dir(dir: &Path, keep_aside: bool) -> anyhow::Result<()> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).ok();
     warn!(dir = %dir.display(), aside = %aside.display(), entries = moved, "diverged data kept aside (split brain): compare it with the primary's and merge by hand");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn next_event(rx: &mut mpsc::Receiver<Event>) -> Event {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("an event from the mounts' actor within 60 s")
+            .expect("the actor's event channel is open")
+    }
+
+    /// The status must not wait for the actor. Here the actor is held in an
+    /// unmount that waits for a resync, whose mirror never answers (a UDP
+    /// socket that reads nothing): the status is still answered, and shows
+    /// the directory mounted, before the unmount ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_is_answered_while_an_unmount_waits_for_a_resync() {
+        hapair_transport::install_crypto_provider();
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let tls_dir = tmp.path().join("tls");
+        hapair_transport::tls_init(&tls_dir, &["n1".into(), "n2".into()], false)
+            .expect("generating the cluster's certificates");
+        let tls = TlsMaterial::load(&tls_dir, "n1").expect("loading n1's certificate");
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("a silent UDP socket");
+        let specs = vec![DirSpec {
+            key: "/srv/data".into(),
+            local: tmp.path().join("data"),
+            state: tmp.path().join("state"),
+        }];
+        let (events_tx, mut events) = mpsc::channel(64);
+        let (tx, view) = spawn(
+            specs,
+            Peer {
+                addr: silent.local_addr().expect("its address"),
+                name: "n2".into(),
+                tls,
+            },
+            MountSettings {
+                core: CoreConfig {
+                    timeout_ms: 500,
+                    ..Default::default()
+                },
+                threads: 1,
+                join_patience_ms: 3_000,
+            },
+            events_tx,
+        );
+        assert!(!view.status()[0].mounted, "nothing mounted yet");
+        // Not allowed alone: the mount joins the (silent) mirror at once.
+        tx.send(MountCmd::Mount).await.expect("the actor runs");
+        assert!(matches!(next_event(&mut events).await, Event::MountReady));
+        tx.send(MountCmd::Unmount { flush: true })
+            .await
+            .expect("the actor runs");
+        let s = view.status();
+        assert!(
+            events.try_recv().is_err(),
+            "the unmount must still be waiting for the resync"
+        );
+        assert!(s[0].mounted, "still mounted while the unmount waits: {s:?}");
+        assert_eq!(
+            s[0].replication.as_ref().map(|r| r.state.as_str()),
+            Some("degraded"),
+            "never joined: {s:?}"
+        );
+        // The resync gives up, then the unmount ends.
+        loop {
+            match next_event(&mut events).await {
+                Event::Unmounted => break,
+                Event::ReplicationDegraded { .. } => {}
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        let s = view.status();
+        assert!(!s[0].mounted && s[0].replication.is_none(), "{s:?}");
+        drop(silent);
+    }
 }
