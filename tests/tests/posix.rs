@@ -1375,3 +1375,112 @@ fn other_users_permissions_and_hard_links_as_one_inode() {
     let mine = lstat(&mm.join("shared/mine"));
     assert_eq!((mine.uid(), mine.gid(), mine.nlink()), (65534, 65534, 2));
 }
+
+/// Drops the kernel's clean dentries and inodes: every FUSE inode no longer
+/// in use is then forgotten (the mount gets FORGET for its lookups).
+fn drop_dentries_and_inodes() {
+    ctx(fs::write("/proc/sys/vm/drop_caches", "2"), || {
+        "writing 2 to /proc/sys/vm/drop_caches".into()
+    });
+}
+
+/// Listings carry the entries' attributes (readdirplus): a stat after a
+/// listing must see what the last change made, hard links share their
+/// number, and every lookup a listing gave the kernel comes back when the
+/// kernel drops its caches (the mount's descriptors return to where they
+/// were).
+#[test]
+fn listings_give_fresh_attributes_and_their_lookups_are_returned() {
+    let _s = env::serial();
+    let mut h = mounted("posix-listing", &MountOpts::default());
+    let dir = h.dir.join("listed");
+    ctx(fs::create_dir(&dir), || "mkdir".into());
+    // Several pages of entries per listing, names of every length.
+    const N: usize = 3_000;
+    let name = |i: usize| format!("f{i:04}-{}", "x".repeat(i % 40));
+    for i in 0..N {
+        write_file(&dir.join(name(i)), &pattern(i % 700, i as u8));
+    }
+    ctx(fs::hard_link(dir.join(name(1)), dir.join("hard")), || {
+        "link".into()
+    });
+    ctx(std::os::unix::fs::symlink(name(2), dir.join("sym")), || {
+        "symlink".into()
+    });
+    let pid = h.mount.as_ref().expect("the mount runs").pid();
+    let fds = || {
+        ctx(fs::read_dir(format!("/proc/{pid}/fd")), || {
+            format!("listing the mount's descriptors (pid {pid})")
+        })
+        .count()
+    };
+    // The forgets arrive asynchronously: drop the caches until the count
+    // stops moving (bounded).
+    let settled = || {
+        let mut last = usize::MAX;
+        for _ in 0..50 {
+            drop_dentries_and_inodes();
+            std::thread::sleep(Duration::from_millis(200));
+            let n = fds();
+            if n == last {
+                break;
+            }
+            last = n;
+        }
+        last
+    };
+    let base = settled();
+    for round in 0..3usize {
+        if round > 0 {
+            for i in (0..N).step_by(3) {
+                let mut f = ctx(
+                    OpenOptions::new().append(true).open(dir.join(name(i))),
+                    || format!("open {}", name(i)),
+                );
+                ctx(f.write_all(&[b'+'; 10]), || "append".into());
+            }
+        }
+        let mut seen = 0;
+        for e in ctx(fs::read_dir(&dir), || "readdir".into()) {
+            use std::os::unix::fs::DirEntryExt;
+            let e = ctx(e, || "readdir entry".into());
+            let md = lstat(&e.path());
+            assert_eq!(md.ino(), e.ino(), "{:?}: listed and stat numbers", e.path());
+            let n = e.file_name();
+            match n.to_str() {
+                Some("hard") => {
+                    assert_eq!(md.ino(), lstat(&dir.join(name(1))).ino());
+                    assert_eq!(md.nlink(), 2);
+                }
+                Some("sym") => assert!(md.file_type().is_symlink()),
+                _ => {
+                    let i: usize = n.to_string_lossy()[1..5].parse().expect("a number");
+                    let appends = if i % 3 == 0 { round } else { 0 };
+                    assert_eq!(
+                        md.len(),
+                        (i % 700 + 10 * appends) as u64,
+                        "{n:?} after {round} rounds of appends"
+                    );
+                    assert_eq!(md.nlink(), if i == 1 { 2 } else { 1 });
+                }
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, N + 2, "entries listed in round {round}");
+    }
+    let listed = fds();
+    assert!(
+        listed >= N,
+        "the kernel holds lookups on the {N} listed entries: {base} descriptors before, {listed} after"
+    );
+    let after = settled();
+    eprintln!(
+        "mount descriptors: {base} before the listings, {listed} after, {after} once forgotten"
+    );
+    assert!(
+        after <= base,
+        "the kernel forgot the listed entries, but the mount still holds {after} descriptors \
+         ({base} before the listings): lookups were counted that the kernel never took"
+    );
+    finish(&mut h);
+}

@@ -56,8 +56,8 @@ use crate::Replicator;
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use hapair_proto::{Op, RelPath, Seq, TimeSet, Timestamp};
 use std::cell::Cell;
@@ -128,6 +128,26 @@ struct DirState {
     pos: i64,
     entries: VecDeque<sys::DirEntry>,
     eof: bool,
+}
+
+/// What became of one directory entry offered to a reply.
+#[derive(Debug, PartialEq, Eq)]
+enum Emitted {
+    Added,
+    /// Not listed (it vanished meanwhile); the next entry follows.
+    Skipped,
+    /// The reply is full: the entry waits for the next call.
+    Full,
+}
+
+impl Emitted {
+    fn full_if(full: bool) -> Emitted {
+        if full {
+            Emitted::Full
+        } else {
+            Emitted::Added
+        }
+    }
 }
 
 struct DirH {
@@ -1459,7 +1479,12 @@ impl ReplicaFs {
     /// Fills a readdir reply. Offsets are the backing's own `d_off` cookies,
     /// so they stay valid across calls (and after seekdir). Entries read from
     /// the backing but not sent are kept for the next call.
-    fn do_readdir(&self, fh: FileHandle, offset: u64, reply: &mut ReplyDirectory) -> R<()> {
+    fn fill_dir(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        mut emit: impl FnMut(&sys::DirEntry) -> R<Emitted>,
+    ) -> R<()> {
         let d = self.dir(fh)?;
         let mut st = lock(&d.st);
         let offset = offset as i64;
@@ -1486,18 +1511,72 @@ impl ReplicaFs {
                 st.entries.extend(batch);
             }
             let Some(e) = st.entries.front() else { break };
-            if reply.add(
+            let off = e.off;
+            if emit(e)? == Emitted::Full {
+                break;
+            }
+            st.pos = off;
+            st.entries.pop_front();
+        }
+        Ok(())
+    }
+
+    fn do_readdir(&self, fh: FileHandle, offset: u64, reply: &mut ReplyDirectory) -> R<()> {
+        self.fill_dir(fh, offset, |e| {
+            Ok(Emitted::full_if(reply.add(
                 INodeNo(e.ino),
                 e.off as u64,
                 dtype_kind(e.dtype),
                 OsStr::from_bytes(&e.name),
-            ) {
-                break;
+            )))
+        })
+    }
+
+    /// A readdir that also looks every entry up (as `lookup` would: the
+    /// kernel takes a lookup on each), so that listing a directory and then
+    /// stat-ing its entries costs one request per page of entries instead of
+    /// one per entry. The attributes are as fresh as a lookup's.
+    fn do_readdirplus(
+        &self,
+        dir: u64,
+        fh: FileHandle,
+        offset: u64,
+        reply: &mut ReplyDirectoryPlus,
+    ) -> R<()> {
+        let dir_attr = to_attr(dir, &sys::fstat(self.dir(fh)?.fd.as_fd())?);
+        let mut added = false;
+        self.fill_dir(fh, offset, |e| {
+            let name = OsStr::from_bytes(&e.name);
+            if e.name == b"." || e.name == b".." {
+                // The kernel takes no lookup on these and ignores their
+                // attributes: only the name, number and type are listed.
+                let attr = FileAttr {
+                    ino: INodeNo(e.ino),
+                    ..dir_attr
+                };
+                let full = reply.add(attr.ino, e.off as u64, name, &TTL, &attr, Generation(0));
+                added |= !full;
+                return Ok(Emitted::full_if(full));
             }
-            st.pos = e.off;
-            st.entries.pop_front();
-        }
-        Ok(())
+            let attr = match self.do_lookup(dir, name) {
+                Ok(a) => a,
+                // Removed since the backing listed it.
+                Err(err) if err == Errno::ENOENT => return Ok(Emitted::Skipped),
+                // Entries already added carry lookups the kernel must see:
+                // send them, and meet the error again on the next call.
+                Err(_) if added => return Ok(Emitted::Full),
+                Err(err) => return Err(err),
+            };
+            if reply.add(attr.ino, e.off as u64, name, &TTL, &attr, Generation(0)) {
+                // Not sent: the kernel takes no lookup for it.
+                lock(&self.table).forget(attr.ino.0, 1);
+                return Ok(Emitted::Full);
+            }
+            added = true;
+            // As in getattr: the mtime listed here goes to the mirror too.
+            self.send_pending_mtime_logged(attr.ino.0, false);
+            Ok(Emitted::Added)
+        })
     }
 
     fn xattr_target(&self, ino: u64) -> R<(sys::XattrTarget, Vec<Arc<OwnedFd>>)> {
@@ -1687,6 +1766,16 @@ impl Filesystem for ReplicaFs {
         self.killpriv_v2 = config
             .add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2)
             .is_ok();
+        // Listings come with the entries' attributes (see `readdirplus`) in
+        // the kernel's "auto" mode: for a directory's first page (up to the
+        // reader's buffer, 32 KiB for most tools) and for later pages once
+        // entries of it were looked up. Not always: every entry listed so
+        // becomes a lookup, and a lookup holds a descriptor here, so a plain
+        // `ls` of a huge directory would need one per entry.
+        let plus = fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO;
+        if let Err(e) = config.add_capabilities(plus) {
+            tracing::info!(?e, "the kernel does not offer readdirplus");
+        }
         // FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS are deliberately not asked
         // for: the kernel then handles locks locally.
         Ok(())
@@ -1990,6 +2079,20 @@ impl Filesystem for ReplicaFs {
         mut reply: ReplyDirectory,
     ) {
         match self.do_readdir(fh, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.do_readdirplus(ino.0, fh, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
