@@ -1484,3 +1484,47 @@ fn listings_give_fresh_attributes_and_their_lookups_are_returned() {
     );
     finish(&mut h);
 }
+
+/// The read-ahead of a sysfs backing device `dev`, if it has one.
+fn bdi_read_ahead_kb(dev: u64) -> Option<u64> {
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    fs::read_to_string(knob).ok()?.trim().parse().ok()
+}
+
+/// The mount raises its read-ahead to 1 MiB (large reads then reach the
+/// disk 1 MiB at a time instead of 256 KiB), and leaves the read-ahead of
+/// the disk underneath as it was.
+#[test]
+fn the_mount_reads_ahead_1_mib_and_leaves_the_disk_alone() {
+    let _s = env::serial();
+    let h0 = Harness::new("posix-readahead-probe");
+    let under = lstat(&h0.mirror_dir).dev();
+    let under_before = bdi_read_ahead_kb(under);
+    drop(h0);
+    let mut h = mounted("posix-readahead", &MountOpts::default());
+    let dev = lstat(&h.dir).dev();
+    assert_eq!(libc::major(dev), 0, "a FUSE mount has an anonymous device");
+    assert_eq!(
+        bdi_read_ahead_kb(dev),
+        Some(1024),
+        "read-ahead of the mount (device 0:{})",
+        libc::minor(dev)
+    );
+    assert_eq!(
+        bdi_read_ahead_kb(under),
+        under_before,
+        "read-ahead of the disk under the test directories"
+    );
+    // And large reads return what was written.
+    let data = pattern(8 << 20, 7);
+    write_file(&h.dir.join("big"), &data);
+    ctx(fs::write("/proc/sys/vm/drop_caches", "3"), || {
+        "dropping the caches".into()
+    });
+    assert!(read_file(&h.dir.join("big")) == data, "the data read back");
+    finish(&mut h);
+}

@@ -153,6 +153,11 @@ pub fn mount_blocking(
     let session = fuser::Session::new(fs, mountpoint, &config(opts))
         .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
+    // Once the session below answers (its stat waits for that).
+    let mp = mountpoint.to_path_buf();
+    let _ = std::thread::Builder::new()
+        .name("hapair-readahead".to_string())
+        .spawn(move || raise_readahead(&mp));
     session
         .run()
         .with_context(|| format!("serving the FUSE mount at {}", mountpoint.display()))
@@ -252,11 +257,62 @@ pub fn mount_background(
         .name("hapair-fuse".to_string())
         .spawn(move || session.run())
         .context("spawning the FUSE session thread")?;
+    raise_readahead(mountpoint);
     Ok(MountHandle {
         unmounter,
         thread: Some(thread),
         mountpoint: mountpoint.to_path_buf(),
     })
+}
+
+/// The read-ahead the mount gets: the largest read request the kernel sends
+/// (max_pages, 1 MiB). FUSE starts with 128 KiB, which the kernel turns into
+/// 256 KiB reads, one at a time: a large read then comes from the disk
+/// (directly, see `direct`) 256 KiB after 256 KiB, and a disk at queue depth
+/// one is much slower for those than for 1 MiB reads.
+const READ_AHEAD_KB: u64 = 1024;
+
+/// Raises the read-ahead of the FUSE mount at `mountpoint` to
+/// `READ_AHEAD_KB` (never lowers it). The kernel sets it when the session
+/// answers INIT, so this runs after: the stat below waits for the session.
+/// Best effort: sysfs may be read-only (a container), and a mount that is
+/// not (or no longer) a FUSE mount is left alone, so that the read-ahead of
+/// the disk underneath is never touched.
+fn raise_readahead(mountpoint: &Path) {
+    let r = (|| -> anyhow::Result<Option<(PathBuf, u64)>> {
+        use std::os::unix::fs::MetadataExt;
+        let st = std::fs::metadata(mountpoint)?;
+        let sfs = nix::sys::statfs::statfs(mountpoint)?;
+        let fuse = sfs.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC;
+        let (major, minor) = (libc::major(st.dev()), libc::minor(st.dev()));
+        if !fuse || major != 0 {
+            return Ok(None);
+        }
+        let knob = PathBuf::from(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"));
+        let now: u64 = std::fs::read_to_string(&knob)
+            .with_context(|| format!("reading {}", knob.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {}", knob.display()))?;
+        if now < READ_AHEAD_KB {
+            std::fs::write(&knob, READ_AHEAD_KB.to_string())
+                .with_context(|| format!("writing {}", knob.display()))?;
+        }
+        Ok(Some((knob, now)))
+    })();
+    match r {
+        Ok(Some((knob, was))) => tracing::debug!(
+            knob = %knob.display(), was, "read-ahead of the mount: {} KiB", was.max(READ_AHEAD_KB)
+        ),
+        Ok(None) => tracing::warn!(
+            mountpoint = %mountpoint.display(),
+            "not a FUSE mount when its read-ahead was to be raised; left alone"
+        ),
+        Err(e) => tracing::info!(
+            mountpoint = %mountpoint.display(),
+            "cannot raise the read-ahead of the mount ({e:#}); large reads are slower"
+        ),
+    }
 }
 
 /// For restarts: if `dir` is a dead FUSE mount (ENOTCONN), lazily
