@@ -1478,7 +1478,8 @@ impl ReplicaFs {
 
     /// Fills a readdir reply. Offsets are the backing's own `d_off` cookies,
     /// so they stay valid across calls (and after seekdir). Entries read from
-    /// the backing but not sent are kept for the next call.
+    /// the backing but not sent are kept for the next call. `emit` must not
+    /// fail once it added an entry (it returns `Full` instead).
     fn fill_dir(
         &self,
         fh: FileHandle,
@@ -1495,6 +1496,7 @@ impl ReplicaFs {
             st.pos = offset;
         }
         let mut buf = Vec::new();
+        let mut added = false;
         loop {
             if st.entries.is_empty() {
                 if st.eof {
@@ -1503,7 +1505,13 @@ impl ReplicaFs {
                 if buf.is_empty() {
                     buf = vec![0u8; 32 * 1024];
                 }
-                let batch = sys::getdents(d.fd.as_fd(), &mut buf)?;
+                let batch = match sys::getdents(d.fd.as_fd(), &mut buf) {
+                    Ok(b) => b,
+                    // What is added goes out (a readdirplus entry carries a
+                    // lookup); the next call meets the error again.
+                    Err(_) if added => break,
+                    Err(e) => return Err(e),
+                };
                 if batch.is_empty() {
                     st.eof = true;
                     break;
@@ -1512,8 +1520,10 @@ impl ReplicaFs {
             }
             let Some(e) = st.entries.front() else { break };
             let off = e.off;
-            if emit(e)? == Emitted::Full {
-                break;
+            match emit(e)? {
+                Emitted::Full => break,
+                Emitted::Added => added = true,
+                Emitted::Skipped => {}
             }
             st.pos = off;
             st.entries.pop_front();

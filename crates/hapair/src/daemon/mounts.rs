@@ -121,7 +121,8 @@ impl MountsView {
 
     /// Each directory's status now. Never waits for a mount, an unmount or
     /// a resync in progress: it takes only this view's lock and each
-    /// client's own (held for bookkeeping, never across I/O waits).
+    /// client's own (held for bookkeeping, and at most across one journal
+    /// write or fsync while degraded; never while waiting for the mirror).
     pub fn status(&self) -> Vec<DirStatus> {
         let (clients, joins) = {
             let v = lock(&self.inner);
