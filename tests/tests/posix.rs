@@ -1528,3 +1528,53 @@ fn the_mount_reads_ahead_1_mib_and_leaves_the_disk_alone() {
     assert!(read_file(&h.dir.join("big")) == data, "the data read back");
     finish(&mut h);
 }
+
+/// A mount started under a low soft open-file limit (systemd's default for
+/// services is 1,024) raises it to the hard limit: it holds a descriptor for
+/// every file the kernel keeps looked up, so it would fail with EMFILE after
+/// a few hundred files here.
+#[test]
+fn a_low_open_file_limit_is_raised_by_the_mount() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let _s = env::serial();
+    let (soft, hard) = ctx(getrlimit(Resource::RLIMIT_NOFILE), || "getrlimit".into());
+    const N: usize = 2_000;
+    assert!(
+        hard > 2 * N as u64,
+        "the hard open-file limit here ({hard}) is too low for this test"
+    );
+    let mut h = Harness::new("posix-nofile");
+    h.start_mirror();
+    // Only the mount inherits the low limit (tests of this binary run one
+    // at a time).
+    ctx(setrlimit(Resource::RLIMIT_NOFILE, 256, hard), || {
+        "lowering the soft limit".into()
+    });
+    h.spawn_mount(&MountOpts::default());
+    ctx(setrlimit(Resource::RLIMIT_NOFILE, soft, hard), || {
+        "restoring the soft limit".into()
+    });
+    h.wait_status(Duration::from_secs(30), |v| v["state"] == "replicating")
+        .unwrap_or_else(|e| panic!("mount not replicating: {e}"));
+    let pid = h.mount.as_ref().expect("the mount runs").pid();
+    let limits = ctx(fs::read_to_string(format!("/proc/{pid}/limits")), || {
+        "reading the mount's limits".into()
+    });
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums, [hard.to_string(), hard.to_string()], "{line}");
+    let d = h.dir.join("many");
+    ctx(fs::create_dir(&d), || "mkdir".into());
+    for i in 0..N {
+        write_file(&d.join(format!("f{i}")), b"x");
+    }
+    let listed = ctx(fs::read_dir(&d), || "readdir".into()).count();
+    assert_eq!(listed, N);
+    for i in 0..N {
+        assert_eq!(lstat(&d.join(format!("f{i}"))).len(), 1);
+    }
+    finish(&mut h);
+}

@@ -9,6 +9,7 @@ mod config;
 mod daemon;
 mod demo;
 mod demo_app;
+mod fdlimit;
 mod guard;
 mod mirror_apply;
 mod mirror_server;
@@ -244,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Daemon { c } => {
             let (cfg, node) = cli::load(&c.config, c.node.as_deref())?;
+            fdlimit::raise();
             daemon::run(cfg, node)
         }
         Cmd::Start { c } => cli::admin(&c.config, c.node.as_deref(), daemon::admin::Request::Start),
@@ -316,6 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let dir = std::path::absolute(&dir).map_err(|e| usage(format!("DIR: {e}")))?;
             let tls = load_tls(&tls, &node)?;
+            fdlimit::raise();
             let state_dir = state_dir.unwrap_or_else(|| state::StateDir::default_for(&dir));
             let src = backing.as_deref().unwrap_or(&dir);
             if let (Ok(s), Ok(src)) = (std::path::absolute(&state_dir), std::path::absolute(src)) {

@@ -134,6 +134,7 @@ fn shell(
         c.uid(user.uid.as_raw()).gid(user.gid.as_raw());
         c.env("HOME", &user.dir).env("USER", u);
     }
+    crate::fdlimit::restore_for_children(&mut c);
     let mut c = tokio::process::Command::from(c);
     c.process_group(0).kill_on_drop(false);
     Ok(c)
@@ -277,11 +278,13 @@ async fn run_check(k: &CheckKind, app_pid: u32, env: &[(String, String)]) -> Res
             .map(|_| ())
             .map_err(|e| e.to_string()),
         CheckKind::Command { command } => {
-            let st = tokio::process::Command::new("/bin/sh")
-                .arg("-c")
+            let mut c = std::process::Command::new("/bin/sh");
+            c.arg("-c")
                 .arg(command)
                 .envs(env.iter().cloned())
-                .stdin(std::process::Stdio::null())
+                .stdin(std::process::Stdio::null());
+            crate::fdlimit::restore_for_children(&mut c);
+            let st = tokio::process::Command::from(c)
                 .kill_on_drop(true)
                 .status()
                 .await
