@@ -1455,7 +1455,7 @@ fn listings_give_fresh_attributes_and_their_lookups_are_returned() {
                 Some("sym") => assert!(md.file_type().is_symlink()),
                 _ => {
                     let i: usize = n.to_string_lossy()[1..5].parse().expect("a number");
-                    let appends = if i % 3 == 0 { round } else { 0 };
+                    let appends = if i.is_multiple_of(3) { round } else { 0 };
                     assert_eq!(
                         md.len(),
                         (i % 700 + 10 * appends) as u64,
