@@ -1376,12 +1376,18 @@ fn other_users_permissions_and_hard_links_as_one_inode() {
     assert_eq!((mine.uid(), mine.gid(), mine.nlink()), (65534, 65534, 2));
 }
 
+/// Writes `level` to /proc/sys/vm/drop_caches (1: page cache, 2: clean
+/// dentries and inodes, 3: both).
+fn drop_caches(level: &str) {
+    ctx(fs::write("/proc/sys/vm/drop_caches", level), || {
+        format!("writing {level} to /proc/sys/vm/drop_caches")
+    });
+}
+
 /// Drops the kernel's clean dentries and inodes: every FUSE inode no longer
 /// in use is then forgotten (the mount gets FORGET for its lookups).
 fn drop_dentries_and_inodes() {
-    ctx(fs::write("/proc/sys/vm/drop_caches", "2"), || {
-        "writing 2 to /proc/sys/vm/drop_caches".into()
-    });
+    drop_caches("2");
 }
 
 /// Listings carry the entries' attributes (readdirplus): a stat after a
@@ -1522,9 +1528,7 @@ fn the_mount_reads_ahead_1_mib_and_leaves_the_disk_alone() {
     // And large reads return what was written.
     let data = pattern(8 << 20, 7);
     write_file(&h.dir.join("big"), &data);
-    ctx(fs::write("/proc/sys/vm/drop_caches", "3"), || {
-        "dropping the caches".into()
-    });
+    drop_caches("3");
     assert!(read_file(&h.dir.join("big")) == data, "the data read back");
     finish(&mut h);
 }

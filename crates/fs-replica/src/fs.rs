@@ -1553,16 +1553,25 @@ impl ReplicaFs {
         offset: u64,
         reply: &mut ReplyDirectoryPlus,
     ) -> R<()> {
-        let dir_attr = to_attr(dir, &sys::fstat(self.dir(fh)?.fd.as_fd())?);
+        // For "." and "..", which only a directory's first page holds.
+        let mut dir_attr: Option<FileAttr> = None;
         let mut added = false;
         self.fill_dir(fh, offset, |e| {
             let name = OsStr::from_bytes(&e.name);
             if e.name == b"." || e.name == b".." {
                 // The kernel takes no lookup on these and ignores their
                 // attributes: only the name, number and type are listed.
+                let base = match dir_attr {
+                    Some(a) => a,
+                    None => match self.dir(fh).and_then(|d| sys::fstat(d.fd.as_fd())) {
+                        Ok(st) => *dir_attr.insert(to_attr(dir, &st)),
+                        Err(_) if added => return Ok(Emitted::Full),
+                        Err(err) => return Err(err),
+                    },
+                };
                 let attr = FileAttr {
                     ino: INodeNo(e.ino),
-                    ..dir_attr
+                    ..base
                 };
                 let full = reply.add(attr.ino, e.off as u64, name, &TTL, &attr, Generation(0));
                 added |= !full;
