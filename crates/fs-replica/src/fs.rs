@@ -1334,7 +1334,7 @@ impl ReplicaFs {
         node_fd: BorrowedFd<'_>,
         data: &[u8],
         off: u64,
-    ) -> Option<(usize, Option<Errno>, direct::AlignedBuf)> {
+    ) -> Option<(usize, Option<Errno>, direct::PooledBuf)> {
         if h.append || !self.direct_ok.load(Ordering::Relaxed) || !direct::eligible(data.len(), off)
         {
             return None;

@@ -17,7 +17,7 @@
 //! then syncs once and acknowledges all of it as durable.
 
 use hapair_mirror::Applier;
-use hapair_proto::{FromMirror, Op, Seq, ToMirror};
+use hapair_proto::{FromMirror, Op, PooledBuf, Seq, ToMirror};
 use hapair_transport::FrameReader;
 use std::future::Future;
 use std::os::fd::{AsFd, OwnedFd};
@@ -40,8 +40,14 @@ const GROUP_COMMIT_BYTES: usize = 16 << 20;
 const INLINE_MAX_PAYLOAD: usize = 64 << 10;
 
 pub(crate) enum Work {
-    Manifest { hash: bool },
-    Op { seq: Seq, op: Op, payload: Vec<u8> },
+    Manifest {
+        hash: bool,
+    },
+    Op {
+        seq: Seq,
+        op: Op,
+        payload: PooledBuf,
+    },
 }
 
 /// What the applier has done, under the lock that orders the two hands.
@@ -146,7 +152,7 @@ pub(crate) async fn run(
 }
 
 /// Checks and decodes one frame body into work.
-fn decode(body: Vec<u8>, expected: &mut Seq, node: &str) -> anyhow::Result<Work> {
+fn decode(body: PooledBuf, expected: &mut Seq, node: &str) -> anyhow::Result<Work> {
     let frame = match hapair_proto::decode_to_mirror(body) {
         Ok(f) => f,
         Err(e) => {
@@ -186,7 +192,7 @@ fn inline_eligible(w: &Work) -> bool {
 /// A frame body that has already arrived, without waiting: `Poll::Pending`
 /// if none is complete yet. `next_body` is cancel-safe, so the unfinished
 /// future may be dropped.
-fn body_ready(reader: &mut FrameReader) -> Poll<anyhow::Result<Option<Vec<u8>>>> {
+fn body_ready(reader: &mut FrameReader) -> Poll<anyhow::Result<Option<PooledBuf>>> {
     let mut cx = Context::from_waker(Waker::noop());
     std::pin::pin!(reader.next_body()).poll(&mut cx)
 }

@@ -5,6 +5,7 @@
 //! the path names now, exactly as if every operation opened the path anew.
 
 use super::*;
+use hapair_proto::buf::{DIRECT_ALIGN, DIRECT_MIN_BYTES};
 use hapair_proto::Timestamp;
 use std::collections::HashMap;
 
@@ -246,22 +247,31 @@ fn direct_and_buffered_writes_mix_on_one_file() {
         let mut a = Applier::open(dir.path()).unwrap();
         a.apply(&create("f"), &[]).unwrap();
         let mut want = Vec::new();
-        let mut put = |a: &mut Applier, off: usize, data: Vec<u8>| {
+        let mut put = |a: &mut Applier, off: usize, data: &[u8]| {
             if want.len() < off + data.len() {
                 want.resize(off + data.len(), 0);
             }
-            want[off..off + data.len()].copy_from_slice(&data);
-            a.apply(&write("f", off as u64), &data).unwrap();
+            want[off..off + data.len()].copy_from_slice(data);
+            a.apply(&write("f", off as u64), data).unwrap();
         };
         let big = |b: u8| vec![b; DIRECT_MIN_BYTES * 2];
-        put(&mut a, 0, big(1));
-        put(&mut a, 100, b"small".to_vec());
-        put(&mut a, DIRECT_ALIGN * 10, big(2));
-        put(&mut a, DIRECT_ALIGN * 300 + 7, big(3)); // unaligned offset
-        put(&mut a, DIRECT_ALIGN * 5, vec![4; DIRECT_MIN_BYTES + 1]); // unaligned length
-        put(&mut a, DIRECT_ALIGN * 600, big(5)); // extends the file
+        // Payloads from the network are aligned in memory (written from
+        // where they are); others are copied first.
+        let pool = hapair_proto::BufPool::default();
+        let aligned = pool.copy_of(&big(7));
+        assert!(aligned.is_aligned());
+        put(&mut a, 0, &big(1));
+        put(&mut a, 100, b"small");
+        put(&mut a, DIRECT_ALIGN * 10, &big(2));
+        put(&mut a, DIRECT_ALIGN * 300 + 7, &big(3)); // unaligned offset
+        put(&mut a, DIRECT_ALIGN * 5, &vec![4; DIRECT_MIN_BYTES + 1]); // unaligned length
+        put(&mut a, DIRECT_ALIGN * 600, &big(5)); // extends the file
+        put(&mut a, DIRECT_ALIGN * 40, &aligned);
+        let shifted = vec![8; DIRECT_MIN_BYTES * 2 + 1];
+        assert!(!hapair_proto::buf::is_aligned(&shifted[1..]));
+        put(&mut a, DIRECT_ALIGN * 41, &shifted[1..]); // unaligned memory
         a.apply(&Op::Barrier, &[]).unwrap();
-        put(&mut a, 0, big(6));
+        put(&mut a, 0, &big(6));
         a.apply(&Op::Barrier, &[]).unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("f")).unwrap(),

@@ -16,6 +16,7 @@
 mod syncpool;
 mod sys;
 
+use hapair_proto::buf::{self, BufPool};
 use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, MAX_MANIFEST_ENTRIES};
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -32,28 +33,12 @@ const SYNC_CHUNK: usize = 64;
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
 
-/// Writes at least this large, at an offset and of a length in whole
-/// `DIRECT_ALIGN` blocks, go to the disk directly (O_DIRECT) instead of
-/// through the mirror's page cache. The mirror never reads them back, and
-/// on this machine kind filling fresh page-cache pages costs about 2 CPU
-/// seconds per GiB, a direct write about 0.15 (measured with dd). The
-/// barrier's fsync still makes them durable (device cache flush, metadata).
-const DIRECT_MIN_BYTES: usize = 128 << 10;
-const DIRECT_ALIGN: usize = 4096;
-
-/// A reusable buffer whose data starts on a `DIRECT_ALIGN` boundary, as
-/// O_DIRECT requires of the memory it writes from.
-struct AlignedBuf(Vec<u8>);
-
-impl AlignedBuf {
-    fn slice(&mut self, len: usize) -> &mut [u8] {
-        if self.0.len() < len + DIRECT_ALIGN {
-            self.0 = vec![0; len + DIRECT_ALIGN];
-        }
-        let off = self.0.as_ptr().align_offset(DIRECT_ALIGN);
-        &mut self.0[off..off + len]
-    }
-}
+// Large block-aligned writes go to the disk directly (O_DIRECT) instead of
+// through the mirror's page cache (see `hapair_proto::buf`): the mirror
+// never reads them back, and on this machine kind filling fresh page-cache
+// pages costs about 2 CPU seconds per GiB, a direct write about 0.15
+// (measured with dd). The barrier's fsync still makes them durable (device
+// cache flush, metadata).
 
 /// Recently written regular files, open for writing, by path: a run of
 /// writes to one file, and the barrier's fsync of it, then cost no path
@@ -157,8 +142,8 @@ pub struct Applier {
     /// Set when the dirty sets overflowed: the barrier syncs the filesystem.
     overflow: bool,
     files: FdCache,
-    /// Bounce buffer for direct writes.
-    aligned: AlignedBuf,
+    /// Aligned copies for direct writes of unaligned payloads.
+    bounce: BufPool,
     /// Cleared when the mirror's filesystem refused a direct write: then
     /// every write goes through the page cache.
     direct_ok: bool,
@@ -183,7 +168,7 @@ impl Applier {
             dirty_dirs: BTreeSet::new(),
             overflow: false,
             files: FdCache::new(),
-            aligned: AlignedBuf(Vec::new()),
+            bounce: BufPool::default(),
             direct_ok: true,
             syncs: syncpool::SyncPool::default(),
         })
@@ -235,10 +220,7 @@ impl Applier {
     /// else through the page cache. Returns the descriptor used.
     fn write_at(&mut self, path: &RelPath, data: &[u8], off: u64) -> Result<RawFd, SysError> {
         let fd = self.file_fd(path)?;
-        let direct = self.direct_ok
-            && data.len() >= DIRECT_MIN_BYTES
-            && data.len() % DIRECT_ALIGN == 0
-            && off % DIRECT_ALIGN as u64 == 0;
+        let direct = self.direct_ok && buf::direct_eligible(data.len(), off);
         let Some(entry) = self.files.entry(path) else {
             return Err(SysError::new(libc::EIO, "file vanished from the cache"));
         };
@@ -246,9 +228,15 @@ impl Applier {
             entry.direct = direct;
         }
         if direct && entry.direct {
-            let buf = self.aligned.slice(data.len());
-            buf.copy_from_slice(data);
-            match sys::pwrite_all(fd, buf, off) {
+            // A payload read by `FrameReader` is aligned already.
+            let copy;
+            let from = if buf::is_aligned(data) {
+                data
+            } else {
+                copy = self.bounce.copy_of(data);
+                &copy[..]
+            };
+            match sys::pwrite_all(fd, from, off) {
                 Ok(()) => return Ok(fd),
                 Err(e) if e.errno == libc::EINVAL => {
                     // The filesystem does not take direct writes after all:

@@ -23,6 +23,9 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub use buf::{BufPool, PooledBuf};
+
+pub mod buf;
 mod path;
 pub use path::{PathError, RelPath};
 
@@ -556,7 +559,7 @@ pub enum ProtoError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame<H> {
     pub header: H,
-    pub payload: Vec<u8>,
+    pub payload: PooledBuf,
 }
 
 /// Encodes a frame into `out` (appending). Fails only if the header cannot
@@ -614,8 +617,9 @@ pub fn frame_body_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
 
 /// Decodes the body of a frame (everything after the 4-byte length prefix).
 pub fn decode_body<H: for<'de> Deserialize<'de>>(
-    mut body: Vec<u8>,
+    body: impl Into<PooledBuf>,
 ) -> Result<Frame<H>, ProtoError> {
+    let body = body.into();
     if body.len() < 4 {
         return Err(ProtoError::BadHeaderLength(body.len()));
     }
@@ -628,16 +632,15 @@ pub fn decode_body<H: for<'de> Deserialize<'de>>(
     if !rest.is_empty() {
         return Err(ProtoError::Decode("trailing bytes after header".into()));
     }
-    // The payload is what follows the header; reuse the allocation.
-    body.drain(..4 + hlen);
+    // The payload is what follows the header, in the same memory.
     Ok(Frame {
         header,
-        payload: body,
+        payload: body.advance(4 + hlen),
     })
 }
 
 /// Decodes and validates a message arriving at the mirror.
-pub fn decode_to_mirror(body: Vec<u8>) -> Result<Frame<ToMirror>, ProtoError> {
+pub fn decode_to_mirror(body: impl Into<PooledBuf>) -> Result<Frame<ToMirror>, ProtoError> {
     let frame: Frame<ToMirror> = decode_body(body)?;
     match &frame.header {
         ToMirror::Op { op, .. } => op.validate(frame.payload.len())?,
@@ -659,7 +662,7 @@ pub fn decode_to_mirror(body: Vec<u8>) -> Result<Frame<ToMirror>, ProtoError> {
 }
 
 /// Decodes a message arriving at the mount.
-pub fn decode_from_mirror(body: Vec<u8>) -> Result<Frame<FromMirror>, ProtoError> {
+pub fn decode_from_mirror(body: impl Into<PooledBuf>) -> Result<Frame<FromMirror>, ProtoError> {
     let frame: Frame<FromMirror> = decode_body(body)?;
     if !frame.payload.is_empty() {
         return Err(ProtoError::Invalid("payload on a mirror message"));

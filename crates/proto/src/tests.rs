@@ -46,7 +46,7 @@ fn frame_roundtrip_with_payload() {
     assert_eq!(len, buf.len() - 4);
     let frame = decode_to_mirror(buf[4..].to_vec()).unwrap();
     assert_eq!(frame.header, msg);
-    assert_eq!(frame.payload, b"hello");
+    assert_eq!(&frame.payload[..], b"hello");
 }
 
 #[test]

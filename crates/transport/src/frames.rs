@@ -2,7 +2,7 @@
 //! u32 length of what follows, then the body.
 
 use anyhow::{bail, Context, Result};
-use hapair_proto::{encode_frame, frame_body_len};
+use hapair_proto::{encode_frame, frame_body_len, BufPool, PooledBuf};
 
 /// Writes frames to a QUIC send stream.
 pub struct FrameWriter {
@@ -73,23 +73,32 @@ impl FrameWriter {
 /// [`FrameReader::next_body`] is cancel-safe: the partial frame is kept in
 /// the reader, so it can be used in `tokio::select!` or under a timeout and
 /// called again.
+///
+/// A large body is read into a buffer of the reader's pool, placed so that
+/// its payload (what follows the header) starts on a
+/// [`hapair_proto::buf::DIRECT_ALIGN`] boundary: the mirror writes it to
+/// the disk from there, and nothing is zeroed or moved on the way.
 pub struct FrameReader {
     stream: quinn::RecvStream,
-    prefix: [u8; 4],
+    /// The length prefix, then the body's first 4 bytes (the header's
+    /// length, which says where the payload starts).
+    prefix: [u8; 8],
     prefix_filled: usize,
     /// The body being read, once its length is known.
-    body: Option<Vec<u8>>,
+    body: Option<PooledBuf>,
     body_filled: usize,
+    pool: BufPool,
 }
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream) -> Self {
         FrameReader {
             stream,
-            prefix: [0; 4],
+            prefix: [0; 8],
             prefix_filled: 0,
             body: None,
             body_filled: 0,
+            pool: BufPool::default(),
         }
     }
 
@@ -97,9 +106,18 @@ impl FrameReader {
     /// over [`hapair_proto::MAX_FRAME_BYTES`] is refused before anything is
     /// allocated. Returns `Ok(None)` when the peer finished the stream
     /// cleanly between frames; an end inside a frame is an error.
-    pub async fn next_body(&mut self) -> Result<Option<Vec<u8>>> {
+    pub async fn next_body(&mut self) -> Result<Option<PooledBuf>> {
         if self.body.is_none() {
-            while self.prefix_filled < 4 {
+            loop {
+                if self.prefix_filled >= 4 {
+                    // Refused as soon as the length is known (and again on
+                    // every later call: the stream is out of step).
+                    let [a, b, c, d, ..] = self.prefix;
+                    frame_body_len([a, b, c, d]).context("refusing frame")?;
+                }
+                if self.prefix_filled == self.prefix.len() {
+                    break;
+                }
                 let n = self
                     .stream
                     .read(&mut self.prefix[self.prefix_filled..])
@@ -108,15 +126,26 @@ impl FrameReader {
                 match n {
                     Some(n) => self.prefix_filled += n,
                     None if self.prefix_filled == 0 => return Ok(None),
-                    None => bail!(
+                    None if self.prefix_filled < 4 => bail!(
                         "stream ended inside a frame length ({} of 4 bytes)",
                         self.prefix_filled
                     ),
+                    None => bail!(
+                        "stream ended inside a frame ({} of at least 4 bytes)",
+                        self.prefix_filled - 4
+                    ),
                 }
             }
-            let len = frame_body_len(self.prefix).context("refusing frame")?;
-            self.body = Some(vec![0u8; len]);
-            self.body_filled = 0;
+            let [a, b, c, d, h0, h1, h2, h3] = self.prefix;
+            // At least 4: `frame_body_len` refuses shorter bodies.
+            let len = frame_body_len([a, b, c, d]).context("refusing frame")?;
+            let hlen = u32::from_be_bytes([h0, h1, h2, h3]) as usize;
+            // A header length that does not fit is refused by the decoder.
+            let payload_at = 4usize.saturating_add(hlen).min(len);
+            let mut body = self.pool.take(len, payload_at);
+            body[..4].copy_from_slice(&[h0, h1, h2, h3]);
+            self.body = Some(body);
+            self.body_filled = 4;
         }
         if let Some(body) = self.body.as_mut() {
             while self.body_filled < body.len() {
