@@ -216,3 +216,41 @@ fn async_unmount_waits_for_the_mirror_to_catch_up() {
     let _ = resume.join();
     h.assert_trees_equal(None, &DiffOptions::default());
 }
+
+/// A SIGTERM during the start (here: while the mount waits for a mirror
+/// that does not answer, right after its first status) is a clean stop
+/// once the mount serves: exit 0, unmounted, the directory intact. The
+/// signal used to be caught only once a task had polled its listener, so a
+/// SIGTERM before that killed the mount with the default action.
+#[test]
+fn sigterm_during_the_start_is_a_clean_stop() {
+    let _s = env::serial();
+    let mut h = Harness::new("early-term");
+    h.start_mirror();
+    // A mirror that does not answer: the start waits for its timeout.
+    h.mirror().signal(libc::SIGSTOP);
+    workload::small_tree(&h.dir, 3, 30);
+    let before = h.tmp().path().join("before");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&h.dir)
+        .arg(&before)
+        .status()
+        .expect("cp");
+    assert!(cp.success());
+    h.spawn_mount(&MountOpts {
+        timeout_ms: Some(2_000),
+        ..MountOpts::default()
+    });
+    let st = h
+        .wait_status(Duration::from_secs(10), |_| true)
+        .unwrap_or_else(|e| panic!("the mount wrote no status: {e}"));
+    assert_ne!(
+        st["state"], "replicating",
+        "the start was not under way: {st}"
+    );
+    h.stop_mount(Duration::from_secs(60));
+    h.mirror().signal(libc::SIGCONT);
+    let diffs = hapair_tests::treediff::tree_diff(&before, &h.dir);
+    assert!(diffs.is_empty(), "the directory changed: {diffs:#?}");
+}

@@ -142,10 +142,18 @@ fn config(opts: &MountOptions) -> fuser::Config {
 
 /// Mounts `fs` on `mountpoint` and serves until unmounted (fusermount3 -u,
 /// umount, or the process ends).
-pub fn mount_blocking(
+pub fn mount_blocking(fs: ReplicaFs, mountpoint: &Path, opts: &MountOptions) -> anyhow::Result<()> {
+    mount_blocking_then(fs, mountpoint, opts, || {})
+}
+
+/// [`mount_blocking`], calling `mounted` once the kernel holds the mount
+/// (before it is served): from then on an unmount of `mountpoint` ends the
+/// session. Not called if mounting fails.
+pub fn mount_blocking_then(
     mut fs: ReplicaFs,
     mountpoint: &Path,
     opts: &MountOptions,
+    mounted: impl FnOnce(),
 ) -> anyhow::Result<()> {
     fs.writeback_cache = opts.writeback_cache;
     fs.posix_acl = opts.posix_acl;
@@ -153,6 +161,7 @@ pub fn mount_blocking(
     let session = fuser::Session::new(fs, mountpoint, &config(opts))
         .with_context(|| format!("mounting FUSE at {}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
+    mounted();
     // Once the session below answers (its stat waits for that).
     let mp = mountpoint.to_path_buf();
     let _ = std::thread::Builder::new()

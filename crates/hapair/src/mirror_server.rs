@@ -53,12 +53,13 @@ pub enum Accept {
 /// `hapair mirror`: serves `dir` until SIGTERM or SIGINT.
 pub async fn serve(listen: SocketAddr, tls: TlsMaterial, dir: PathBuf) -> anyhow::Result<()> {
     open_dir(&dir)?;
+    let stop = shutdown_signal();
     let ep = hapair_transport::server_endpoint(listen, &tls, ALPN_REPLICATION)
         .with_context(|| format!("listening on {listen}"))?;
     info!(%listen, dir = %dir.display(), node = tls.node(), "mirror listening");
     let dirs = MirrorDirs::from([(String::new(), dir)]);
     serve_until(ep, dirs, Accept::AnyNode, async {
-        shutdown_signal().await;
+        stop.await;
         info!("mirror stopping");
     })
     .await;
@@ -128,16 +129,26 @@ struct Slot {
 }
 type Slots = std::collections::BTreeMap<String, Arc<Slot>>;
 
-pub async fn shutdown_signal() {
+///
+/// The signals are caught from the call on, not from the first poll: a
+/// SIGTERM that arrives after the process said it was ready (a status
+/// file, a log line) but before the future was polled would otherwise kill
+/// it with the default action, or be dropped once another listener had
+/// installed tokio's handler. Call it (inside a runtime) before announcing
+/// readiness, and keep the one future.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let streams = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = streams else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    }
 }
 
 async fn handle(

@@ -231,6 +231,13 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         .thread_name("hapair-net")
         .build()
         .context("starting the runtime")?;
+    // SIGTERM and SIGINT are caught from here on: one that arrives during
+    // the start (the first status below says "connecting") is answered
+    // with a clean unmount as soon as the mount serves.
+    let stop = {
+        let _rt = rt.enter();
+        crate::mirror_server::shutdown_signal()
+    };
     let cfg = CoreConfig {
         mode: a.link.mode,
         timeout_ms: a.timeout_ms,
@@ -301,8 +308,14 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     let dir = a.dir.clone();
     let asked_to_unmount = Arc::new(AtomicBool::new(false));
     let asked = asked_to_unmount.clone();
+    // Unmounting before the kernel holds the mount would do nothing, and the
+    // mount would then serve on: a signal waits for it.
+    let (mounted_tx, mounted_rx) = tokio::sync::oneshot::channel::<()>();
     rt.spawn(async move {
-        crate::mirror_server::shutdown_signal().await;
+        stop.await;
+        if mounted_rx.await.is_err() {
+            return; // mounting failed: the process is ending anyway
+        }
         info!("signal received: unmounting {}", dir.display());
         asked.store(true, Ordering::SeqCst);
         crate::unmount(&dir);
@@ -321,7 +334,10 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     info!(dir = %a.dir.display(), mode = %a.link.mode, "serving");
-    let served = hapair_fs_replica::mount_blocking(fs, &a.dir, &opts).or_else(|e| {
+    let mounted = move || {
+        let _ = mounted_tx.send(());
+    };
+    let served = hapair_fs_replica::mount_blocking_then(fs, &a.dir, &opts, mounted).or_else(|e| {
         // Unmounting while requests are in flight can end a FUSE worker's
         // read with ECONNABORTED instead of ENODEV: after our own unmount
         // that is the end we asked for, not a failure.

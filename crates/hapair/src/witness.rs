@@ -67,13 +67,14 @@ async fn serve(a: WitnessArgs, persisted: WitnessPersisted) -> anyhow::Result<()
         persisted,
         0,
     );
+    let mut stop = std::pin::pin!(crate::mirror_server::shutdown_signal());
     info!(listen = %a.listen, nodes = ?a.nodes, latest_gen = core.persisted().latest_gen, "witness listening");
     let (tx, mut rx) = tokio::sync::mpsc::channel(256);
     tokio::spawn(link::serve("witness", ep.clone(), a.nodes.to_vec(), tx));
     loop {
         let r = tokio::select! {
             r = rx.recv() => r,
-            _ = crate::mirror_server::shutdown_signal() => break,
+            _ = &mut stop => break,
         };
         let Some(r) = r else { break };
         let now = started.elapsed().as_millis() as u64;
