@@ -29,6 +29,10 @@ pub const POOLED_MIN_BYTES: usize = DIRECT_MIN_BYTES;
 /// Buffers kept for reuse (each about the largest payload, 1 MiB).
 const POOL_BUFFERS: usize = 16;
 
+/// Larger buffers (a frame with a large header, such as a manifest chunk)
+/// are freed rather than kept: the pool holds at most 16 × 2 MiB.
+const POOL_MAX_BUFFER_BYTES: usize = 2 << 20;
+
 /// A bounded pool of reusable buffers. Cheap to clone (shared).
 #[derive(Clone, Default)]
 pub struct BufPool(Arc<Mutex<Vec<Vec<u8>>>>);
@@ -168,6 +172,9 @@ impl Clone for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(pool) = &self.pool {
+            if self.v.len() > POOL_MAX_BUFFER_BYTES {
+                return;
+            }
             let mut p = pool.0.lock().unwrap_or_else(|p| p.into_inner());
             if p.len() < POOL_BUFFERS {
                 p.push(std::mem::take(&mut self.v));
@@ -230,5 +237,11 @@ mod tests {
             .collect();
         drop(bufs);
         assert_eq!(pool.kept(), POOL_BUFFERS);
+        // Nor does it keep very large buffers.
+        let pool = BufPool::default();
+        drop(pool.take(POOL_MAX_BUFFER_BYTES, 0));
+        assert_eq!(pool.kept(), 0);
+        drop(pool.take(POOL_MAX_BUFFER_BYTES - DIRECT_ALIGN, 0));
+        assert_eq!(pool.kept(), 1);
     }
 }
