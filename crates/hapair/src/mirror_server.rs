@@ -129,6 +129,7 @@ struct Slot {
 }
 type Slots = std::collections::BTreeMap<String, Arc<Slot>>;
 
+/// Resolves at the first SIGTERM or SIGINT.
 ///
 /// The signals are caught from the call on, not from the first poll: a
 /// SIGTERM that arrives after the process said it was ready (a status

@@ -33,13 +33,6 @@ const SYNC_CHUNK: usize = 64;
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
 
-// Large block-aligned writes go to the disk directly (O_DIRECT) instead of
-// through the mirror's page cache (see `hapair_proto::buf`): the mirror
-// never reads them back, and on this machine kind filling fresh page-cache
-// pages costs about 2 CPU seconds per GiB, a direct write about 0.15
-// (measured with dd). The barrier's fsync still makes them durable (device
-// cache flush, metadata).
-
 /// Recently written regular files, open for writing, by path: a run of
 /// writes to one file, and the barrier's fsync of it, then cost no path
 /// walk, open or close per operation. Only the applier changes the mirror
@@ -216,8 +209,13 @@ impl Applier {
     }
 
     /// Writes `data` at `off` into the regular file at `path`: directly to
-    /// the disk when it is large and block-aligned (see `DIRECT_MIN_BYTES`),
-    /// else through the page cache. Returns the descriptor used.
+    /// the disk (O_DIRECT) when it is large and block-aligned (see
+    /// `buf::direct_eligible`), else through the page cache. Returns the
+    /// descriptor used. The mirror never reads large writes back, and on
+    /// this machine kind filling fresh page-cache pages costs about 2 CPU
+    /// seconds per GiB, a direct write about 0.15 (measured with dd). The
+    /// barrier's fsync still makes them durable (device cache flush,
+    /// metadata).
     fn write_at(&mut self, path: &RelPath, data: &[u8], off: u64) -> Result<RawFd, SysError> {
         let fd = self.file_fd(path)?;
         let direct = self.direct_ok && buf::direct_eligible(data.len(), off);
