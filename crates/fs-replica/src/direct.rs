@@ -14,4 +14,12 @@
 //! length in whole [`DIRECT_ALIGN`] blocks, take this path; a filesystem
 //! that refuses direct I/O turns it off for the mount.
 
-pub(crate) use hapair_proto::buf::{direct_eligible as eligible, BufPool, PooledBuf, DIRECT_ALIGN};
+pub(crate) use hapair_proto::buf::{direct_eligible as eligible, BufPool, DIRECT_ALIGN};
+
+/// The pieces a large write is written and recorded in when every call
+/// waits for the mirror (strict mode, see `Replicator::waits_for_each_call`):
+/// the mirror receives and applies one while the next is written here.
+/// Measured (strict a, interleaved): +21 % to +40 % where the network
+/// limits, -4 % to -20 % in stretches where this shared disk did (four
+/// direct writes of 256 KiB at queue depth one cost more than one of 1 MiB).
+pub(crate) const PIPELINE_PIECE_BYTES: usize = 256 << 10;

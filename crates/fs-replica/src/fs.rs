@@ -1286,28 +1286,43 @@ impl ReplicaFs {
             } else {
                 offset
             };
-            // A large block-aligned write goes to the disk directly, from
-            // a copy that the replicator then keeps as it is.
-            let direct = self.direct_write(&h, ifd.as_fd(), data, off);
-            let (n, err) = match &direct {
-                Some((n, err, _)) => (*n, *err),
-                None => sys::pwrite_all(h.fd.as_fd(), data, off),
+            // In strict mode a large write goes in pieces (see
+            // `Replicator::waits_for_each_call`).
+            let piece = if self.repl.waits_for_each_call() {
+                direct::PIPELINE_PIECE_BYTES
+            } else {
+                data.len()
             };
-            if n > 0 {
-                if let Some(path) = path {
+            let mut each = |at: u64, bytes: bytes::Bytes| -> R<()> {
+                if let Some(path) = &path {
                     let op = Op::Write {
-                        path,
-                        offset: off,
+                        path: path.clone(),
+                        offset: at,
                         mtime: self.write_mtime(ino, h.fd.as_fd())?,
                     };
-                    match direct {
-                        Some((_, _, buf)) => {
-                            rec.record_owned(op, bytes::Bytes::from_owner(buf).slice(..n))
-                        }
-                        None => rec.record(op, &data[..n]),
-                    }
+                    rec.record_owned(op, bytes);
                 }
-            }
+                Ok(())
+            };
+            // A large block-aligned write goes to the disk directly, from
+            // a copy that the replicator then keeps as it is.
+            let (n, err) = match self.direct_write(&h, ifd.as_fd(), data, off, piece, &mut each) {
+                Some(r) => r?,
+                None => {
+                    let (n, err) = sys::pwrite_all(h.fd.as_fd(), data, off);
+                    if n > 0 {
+                        if let Some(path) = path {
+                            let op = Op::Write {
+                                path,
+                                offset: off,
+                                mtime: self.write_mtime(ino, h.fd.as_fd())?,
+                            };
+                            rec.record(op, &data[..n]);
+                        }
+                    }
+                    (n, err)
+                }
+            };
             (n, err)
         };
         if written == 0 {
@@ -1326,33 +1341,54 @@ impl ReplicaFs {
     }
 
     /// Writes `data` at `off` with O_DIRECT if it is eligible (see `direct`)
-    /// and the backing takes it: returns what `pwrite_all` returns, and the
-    /// aligned copy written from. None: write it through the page cache.
+    /// and the backing takes it, from an aligned copy, in pieces of at most
+    /// `piece` bytes (a multiple of `DIRECT_ALIGN`): each piece written is
+    /// handed to `each` (its offset, and its bytes in the copy) before the
+    /// next is written. Returns what `pwrite_all` returns for the whole, or
+    /// the error of `each`. None: nothing was written; write it through the
+    /// page cache.
     fn direct_write(
         &self,
         h: &FileH,
         node_fd: BorrowedFd<'_>,
         data: &[u8],
         off: u64,
-    ) -> Option<(usize, Option<Errno>, direct::PooledBuf)> {
+        piece: usize,
+        each: &mut dyn FnMut(u64, bytes::Bytes) -> R<()>,
+    ) -> Option<R<(usize, Option<Errno>)>> {
         if h.append || !self.direct_ok.load(Ordering::Relaxed) || !direct::eligible(data.len(), off)
         {
             return None;
         }
+        debug_assert!(piece > 0 && piece.is_multiple_of(direct::DIRECT_ALIGN));
         let dfd = h
             .direct_fd
             .get_or_init(|| sys::reopen(node_fd, libc::O_WRONLY | libc::O_DIRECT).ok())
             .as_ref()?;
-        let buf = self.bufs.copy_of(data);
-        let (n, err) = sys::pwrite_all(dfd.as_fd(), buf.as_ref(), off);
-        if n == 0 && err == Some(Errno::EINVAL) {
-            // The backing does not take direct writes of this shape: from
-            // now on everything goes through the page cache.
-            tracing::info!("the backing filesystem refuses direct writes; not using them");
-            self.direct_ok.store(false, Ordering::Relaxed);
-            return None;
+        let buf = bytes::Bytes::from_owner(self.bufs.copy_of(data));
+        let mut done = 0;
+        while done < buf.len() {
+            let end = done.saturating_add(piece).min(buf.len());
+            let at = off + done as u64;
+            let (n, err) = sys::pwrite_all(dfd.as_fd(), &buf[done..end], at);
+            if done == 0 && n == 0 && err == Some(Errno::EINVAL) {
+                // The backing does not take direct writes of this shape:
+                // from now on everything goes through the page cache.
+                tracing::info!("the backing filesystem refuses direct writes; not using them");
+                self.direct_ok.store(false, Ordering::Relaxed);
+                return None;
+            }
+            if n > 0 {
+                if let Err(e) = each(at, buf.slice(done..done + n)) {
+                    return Some(Err(e));
+                }
+            }
+            done += n;
+            if err.is_some() || done < end {
+                return Some(Ok((done, err)));
+            }
         }
-        Some((n, err, buf))
+        Some(Ok((done, None)))
     }
 
     /// Reads into `dst` (aligned) with O_DIRECT if the read is eligible (see

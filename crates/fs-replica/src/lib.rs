@@ -31,6 +31,13 @@ pub trait Replicator: Send + Sync + 'static {
     fn record_owned(&self, op: hapair_proto::Op, payload: bytes::Bytes) -> hapair_proto::Seq {
         self.record(op, &payload)
     }
+    /// True if every mutating call waits for the mirror to apply it (strict
+    /// mode). Then a large write is written locally and recorded in pieces,
+    /// so that the first pieces travel to the mirror, and are applied there,
+    /// while the next are being written here. The default: false.
+    fn waits_for_each_call(&self) -> bool {
+        false
+    }
     /// Called after the ordering lock is released, once per mutating FUSE
     /// call that recorded something, with the last seq that call recorded: in
     /// strict mode waits until the mirror applied it. Err(errno) is returned

@@ -16,15 +16,37 @@ struct LocalReplica {
     root: OwnedFd,
     seq: AtomicU64,
     errors: Mutex<Vec<String>>,
+    /// Answers `waits_for_each_call` (strict mode).
+    strict: bool,
+    /// The offset and length of every write recorded.
+    writes: Mutex<Vec<(u64, usize)>>,
+}
+
+impl LocalReplica {
+    fn new(root: OwnedFd, strict: bool) -> Arc<LocalReplica> {
+        Arc::new(LocalReplica {
+            root,
+            seq: AtomicU64::new(0),
+            errors: Mutex::new(Vec::new()),
+            strict,
+            writes: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 impl Replicator for LocalReplica {
     fn record(&self, op: Op, payload: &[u8]) -> Seq {
         op.validate(payload.len()).expect("valid op");
+        if let Op::Write { offset, .. } = &op {
+            self.writes.lock().unwrap().push((*offset, payload.len()));
+        }
         if let Err(e) = replay::apply(self.root.as_raw_fd(), &op, payload) {
             self.errors.lock().unwrap().push(format!("{op:?}: {e}"));
         }
         self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    fn waits_for_each_call(&self) -> bool {
+        self.strict
     }
     fn after_mutation(&self, _seq: Seq) -> Result<(), i32> {
         Ok(())
@@ -45,11 +67,7 @@ fn workload_replicates_to_an_identical_tree() {
     for p in [&b, &r, &mnt] {
         std::fs::create_dir(p).unwrap();
     }
-    let repl = Arc::new(LocalReplica {
-        root: open_dir(&r),
-        seq: AtomicU64::new(0),
-        errors: Mutex::new(Vec::new()),
-    });
+    let repl = LocalReplica::new(open_dir(&r), false);
     let m = mount(&b, &mnt, repl.clone());
     workload::run(&m.mnt);
     // Concurrent writers and renamers: the stream order must still replay.
@@ -111,4 +129,58 @@ fn workload_replicates_to_an_identical_tree() {
     );
     use std::os::unix::fs::MetadataExt;
     assert_eq!((sb.mtime(), sb.mtime_nsec()), (sr.mtime(), sr.mtime_nsec()));
+}
+
+/// In strict mode a large write is written and recorded in 256 KiB pieces,
+/// in order, so the mirror applies the first while the next are written;
+/// otherwise (an O_SYNC handle too) in one op. The replica ends identical
+/// either way.
+#[test]
+fn large_writes_that_wait_are_recorded_in_pieces() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const K: u64 = 1024;
+    let data: Vec<u8> = (0..(1 << 20) + 8 * 1024)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let pieces = vec![
+        (0, 256 << 10),
+        (256 * K, 256 << 10),
+        (512 * K, 256 << 10),
+        (768 * K, 256 << 10),
+    ];
+    for (strict, o_sync, want_big) in [
+        (false, false, vec![(0, 1 << 20)]),
+        (true, false, pieces),
+        (false, true, vec![(0, 1 << 20)]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, r, mnt) = (
+            dir.path().join("backing"),
+            dir.path().join("replica"),
+            dir.path().join("mnt"),
+        );
+        for p in [&b, &r, &mnt] {
+            std::fs::create_dir(p).unwrap();
+        }
+        let repl = LocalReplica::new(open_dir(&r), strict);
+        let m = mount(&b, &mnt, repl.clone());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(if o_sync { libc::O_SYNC } else { 0 })
+            .open(m.mnt.join("big"))
+            .unwrap();
+        f.write_all(&data).unwrap();
+        drop(f);
+        m.unmount();
+        let case = format!("strict {strict}, O_SYNC {o_sync}");
+        assert!(repl.errors.lock().unwrap().is_empty(), "{case}");
+        let mut want = want_big;
+        // The last 8 KiB is too small to go directly: one op.
+        want.push((1 << 20, 8 << 10));
+        assert_eq!(*repl.writes.lock().unwrap(), want, "{case}");
+        assert_eq!(std::fs::read(b.join("big")).unwrap(), data, "{case}");
+        assert_eq!(std::fs::read(r.join("big")).unwrap(), data, "{case}");
+    }
 }

@@ -1022,6 +1022,9 @@ impl hapair_fs_replica::Replicator for ReplClient {
     fn record_owned(&self, op: Op, payload: Bytes) -> Seq {
         self.record_op_owned(op, payload)
     }
+    fn waits_for_each_call(&self) -> bool {
+        self.lock().core.config().mode == Mode::Strict
+    }
     fn after_mutation(&self, seq: Seq) -> Result<(), i32> {
         ReplClient::after_mutation(self, seq)
     }
