@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> T {
     r.unwrap_or_else(|e| panic!("{}: {e}", what()))
@@ -1514,10 +1514,17 @@ fn the_mount_reads_ahead_1_mib_and_leaves_the_disk_alone() {
     let mut h = mounted("posix-readahead", &MountOpts::default());
     let dev = lstat(&h.dir).dev();
     assert_eq!(libc::major(dev), 0, "a FUSE mount has an anonymous device");
+    // The mount raises it from a thread of its own once the session has
+    // answered INIT, which can be just after the mount shows in the mount
+    // table: wait for it (bounded), then require it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bdi_read_ahead_kb(dev) != Some(1024) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         bdi_read_ahead_kb(dev),
         Some(1024),
-        "read-ahead of the mount (device 0:{})",
+        "read-ahead of the mount (device 0:{}), 10 s after it was mounted",
         libc::minor(dev)
     );
     assert_eq!(
