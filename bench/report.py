@@ -9,6 +9,8 @@ RESULTS_DIR holds what run.sh wrote:
   <target>/<workload>.<rep>.json   fio JSON (a, b, b4, d) or smallfiles.py JSON (c)
   cost.jsonl                one line per hapair workload: wire bytes and CPU
   rss.json                  peak RSS of every hapair process
+  steal.jsonl               one line per target and repetition: CPU ticks of
+                            the machine and those the host stole
 """
 import glob
 import json
@@ -134,6 +136,21 @@ def ratio(a, b):
     return a / b
 
 
+def steal_by_target(root):
+    """{target: [steal % of each repetition]} from steal.jsonl, if any."""
+    out = {}
+    try:
+        with open(os.path.join(root, "steal.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return out
+    for r in sorted(rows, key=lambda r: r.get("rep", 0)):
+        ticks, stolen = r.get("ticks", 0), r.get("steal", 0)
+        if ticks > 0:
+            out.setdefault(r.get("target"), []).append(100.0 * stolen / ticks)
+    return out
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: report.py RESULTS_DIR")
@@ -158,6 +175,12 @@ def main():
     for k in ("kernel", "fio", "gluster", "hapair", "cpus", "load_before", "load_after"):
         if k in meta:
             p(f"- {k.replace('_', ' ')}: {meta[k]}")
+    steal = steal_by_target(root)
+    if steal:
+        p("- CPU time the host took from this machine while each target ran "
+          "(steal, % of the machine's CPU time, each repetition): "
+          + "; ".join(f"{LABELS.get(t, t)} " + ", ".join(fmt(x, 1) for x in steal[t])
+                      for t in ORDER if t in steal))
     p("")
     p("### Absolute figures (median [each repetition])")
     p("")

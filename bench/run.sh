@@ -332,8 +332,17 @@ has hapair-strict && setup_hapair hapair-strict strict 7701
 has floor && setup_floor
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "load average before: $LOAD_BEFORE"
+# CPU time the host took from this machine (steal, in a virtual machine)
+# while each target ran: a noisy neighbour shows here, not only in the figures.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
 for r in $(seq "$REPS"); do
-    for t in $TARGETS; do suite "$t" "$r"; done
+    for t in $TARGETS; do
+        read -r T0 S0 < <(cpu_ticks)
+        suite "$t" "$r"
+        read -r T1 S1 < <(cpu_ticks)
+        printf '{"target":"%s","rep":%s,"ticks":%s,"steal":%s}\n' \
+            "$t" "$r" $((T1 - T0)) $((S1 - S0)) >> "$RES/steal.jsonl"
+    done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 

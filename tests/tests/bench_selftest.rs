@@ -38,6 +38,13 @@ fn bench_selftest_runs_and_cleans_up() {
         out.contains("selftest: every workload produced results"),
         "{out}"
     );
+    let steal = out
+        .lines()
+        .find(|l| l.contains("CPU time the host took from this machine while each target ran"));
+    assert!(
+        steal.is_some_and(|l| l.contains("native ext4 ") && l.contains("hapair sync ")),
+        "no steal line for every target in the report:\n{out}"
+    );
     // Its work directory (under BENCH_WORKDIR) is gone, and nothing it
     // mounted is left.
     let left: Vec<_> = std::fs::read_dir(logs.path())
