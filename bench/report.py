@@ -9,8 +9,8 @@ RESULTS_DIR holds what run.sh wrote:
   <target>/<workload>.<rep>.json   fio JSON (a, b, b4, d) or smallfiles.py JSON (c)
   cost.jsonl                one line per hapair workload: wire bytes and CPU
   rss.json                  peak RSS of every hapair process
-  steal.jsonl               one line per target and repetition: CPU ticks of
-                            the machine and those the host stole
+  steal.jsonl               one line per target, workload and repetition: CPU
+                            ticks of the machine and those the host stole
 """
 import glob
 import json
@@ -137,17 +137,22 @@ def ratio(a, b):
 
 
 def steal_by_target(root):
-    """{target: [steal % of each repetition]} from steal.jsonl, if any."""
-    out = {}
+    """{target: [steal % of each repetition, over all its workloads]} from
+    steal.jsonl, if any."""
     try:
         with open(os.path.join(root, "steal.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
-        return out
-    for r in sorted(rows, key=lambda r: r.get("rep", 0)):
-        ticks, stolen = r.get("ticks", 0), r.get("steal", 0)
+        return {}
+    sums = {}
+    for r in rows:
+        k = (r.get("target"), r.get("rep", 0))
+        ticks, stolen = sums.get(k, (0, 0))
+        sums[k] = (ticks + r.get("ticks", 0), stolen + r.get("steal", 0))
+    out = {}
+    for (t, _), (ticks, stolen) in sorted(sums.items(), key=lambda kv: kv[0][1]):
         if ticks > 0:
-            out.setdefault(r.get("target"), []).append(100.0 * stolen / ticks)
+            out.setdefault(t, []).append(100.0 * stolen / ticks)
     return out
 
 
@@ -171,7 +176,7 @@ def main():
     p("")
     p(f"- sizes: a/d {meta.get('seq_size', '?')}, b {meta.get('b_ios', '?')} I/Os per job, "
       f"c {meta.get('c_files', '?')} files of {meta.get('c_size', '?')} B; "
-      f"{meta.get('reps', '?')} repetition(s), interleaved across targets, medians shown")
+      f"{meta.get('reps', '?')} repetition(s), each workload on every target in turn, medians shown")
     for k in ("kernel", "fio", "gluster", "hapair", "cpus", "load_before", "load_after"):
         if k in meta:
             p(f"- {k.replace('_', ' ')}: {meta[k]}")

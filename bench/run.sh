@@ -19,9 +19,10 @@
 #                  is sent in one UDP datagram over the same veth to a server in the
 #                  namespace that writes and fsyncs it, while the client fsyncs its
 #                  own copy: the best any replication can do here (no FUSE, no QUIC)
-# Repetitions are interleaved across targets so that ratios come from the
-# same stretch of time; the report (medians, ratios, the issue's targets, the
-# replication cost) is printed and saved in the results directory.
+# Each workload runs on every target in turn before the next workload, in
+# every repetition, so that ratios come from the same stretch of time; the
+# report (medians, ratios, the issue's targets, the replication cost) is
+# printed and saved in the results directory.
 # Everything it starts (mounts, gluster volume and daemons, namespaces,
 # processes, temp dirs) is removed on exit, also on failure or Ctrl-C; it
 # only ever stops processes it started, by PID.
@@ -271,15 +272,11 @@ is_hapair() { case $1 in hapair|hapair-strict) return 0 ;; esac; return 1; }
 begin() { is_hapair "$1" && snap "$1"; return 0; }
 end() { is_hapair "$1" && cost "$@"; return 0; }
 
-suite() {  # $1 target, $2 rep
+# Each workload on one target, repetition $2. Every figure of one workload
+# is measured for all targets in a row (see the run below), so that a ratio
+# compares figures taken minutes apart at most, not a whole repetition apart.
+seq_write_read() {  # $1 target, $2 rep: a, then d on the file a wrote
     local t=$1 r=$2 D=${DIR[$1]} O=$RES/$1
-    mkdir -p "$O"
-    if [ "$t" = floor ]; then
-        say "[$t] rep $r: b 4 KiB write + fsync, 1 job, with no software in between"
-        timeout 300 "$WORK/repl_floor" client "$D/copy" "$IP_M" "$FLOOR_PORT" "$B_IOS" \
-            > "$O/randfsync.$r.json"
-        return 0
-    fi
     say "[$t] rep $r: a sequential write $SEQ"
     rm -f "$D/seq.dat"; drop_caches
     begin "$t"
@@ -295,30 +292,68 @@ suite() {  # $1 target, $2 rep
         end "$t" seqread "$r" 0
     fi
     rm -f "$D/seq.dat"
-    local jobs name
-    for jobs in 1 4; do
-        [ "$t" = hapair-strict ] && [ $jobs = 4 ] && continue
-        name=randfsync; [ $jobs = 4 ] && name=randfsync4
-        say "[$t] rep $r: b 4 KiB write + fsync, $jobs job(s)"
-        local args=(--name=$name --directory="$D" --rw=randwrite --bs=4k --size=64M --overwrite=1
-                    --fsync=1 --number_ios="$B_IOS" --runtime=30 --randrepeat=0
-                    --numjobs=$jobs --group_reporting)
-        # Lay the files out first (not timed, not counted), and make them
-        # durable so that the timed part starts from a quiet pipeline.
-        $FIO "${args[@]}" --create_only=1 > /dev/null
-        sync "$D"/$name.*
-        begin "$t"
-        $FIO "${args[@]}" > "$O/$name.$r.json"
-        end "$t" $name "$r" "$(io_bytes "$O/$name.$r.json")"
-        rm -f "$D"/$name.*
-    done
-    [ "$t" = hapair-strict ] && return 0
+}
+
+rand_fsync() {  # $1 target, $2 rep, $3 jobs: b
+    local t=$1 r=$2 jobs=$3 D=${DIR[$1]} O=$RES/$1 name=randfsync
+    [ "$jobs" = 4 ] && name=randfsync4
+    if [ "$t" = floor ]; then
+        say "[$t] rep $r: b 4 KiB write + fsync, 1 job, with no software in between"
+        timeout 300 "$WORK/repl_floor" client "$D/copy" "$IP_M" "$FLOOR_PORT" "$B_IOS" \
+            > "$O/randfsync.$r.json"
+        return 0
+    fi
+    say "[$t] rep $r: b 4 KiB write + fsync, $jobs job(s)"
+    local args=(--name=$name --directory="$D" --rw=randwrite --bs=4k --size=64M --overwrite=1
+                --fsync=1 --number_ios="$B_IOS" --runtime=30 --randrepeat=0
+                --numjobs=$jobs --group_reporting)
+    # Lay the files out first (not timed, not counted), and make them
+    # durable so that the timed part starts from a quiet pipeline.
+    $FIO "${args[@]}" --create_only=1 > /dev/null
+    sync "$D"/$name.*
+    begin "$t"
+    $FIO "${args[@]}" > "$O/$name.$r.json"
+    end "$t" $name "$r" "$(io_bytes "$O/$name.$r.json")"
+    rm -f "$D"/$name.*
+}
+
+small_files() {  # $1 target, $2 rep: c
+    local t=$1 r=$2 D=${DIR[$1]} O=$RES/$1
     say "[$t] rep $r: c $C_FILES small files"
     drop_caches
     begin "$t"
     timeout 1800 "$PY" "$BENCH/smallfiles.py" "$D/small.$r" "$C_FILES" 4096 > "$O/smallfiles.$r.json"
     end "$t" smallfiles "$r" $(( C_FILES * 4096 ))
     rm -rf "$D/small.$r"
+}
+
+# Which workloads run on which target: the floor measures b (1 job) only,
+# strict mode a and b (1 job).
+runs_on() {  # $1 workload, $2 target
+    case $1:$2 in
+        b1:*) return 0 ;;
+        *:floor) return 1 ;;
+        b4:hapair-strict|c:hapair-strict) return 1 ;;
+    esac
+    return 0
+}
+
+# CPU time the host took from this machine (steal, in a virtual machine)
+# while each target ran: a noisy neighbour shows here, not only in the figures.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
+measure() {  # $1 workload, $2 target, $3 rep
+    local t0 s0 t1 s1
+    mkdir -p "$RES/$2"
+    read -r t0 s0 < <(cpu_ticks)
+    case $1 in
+        ad) seq_write_read "$2" "$3" ;;
+        b1) rand_fsync "$2" "$3" 1 ;;
+        b4) rand_fsync "$2" "$3" 4 ;;
+        c)  small_files "$2" "$3" ;;
+    esac
+    read -r t1 s1 < <(cpu_ticks)
+    printf '{"target":"%s","workload":"%s","rep":%s,"ticks":%s,"steal":%s}\n' \
+        "$2" "$1" "$3" $((t1 - t0)) $((s1 - s0)) >> "$RES/steal.jsonl"
 }
 
 # --- the run ------------------------------------------------------------------
@@ -332,16 +367,11 @@ has hapair-strict && setup_hapair hapair-strict strict 7701
 has floor && setup_floor
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "load average before: $LOAD_BEFORE"
-# CPU time the host took from this machine (steal, in a virtual machine)
-# while each target ran: a noisy neighbour shows here, not only in the figures.
-cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
 for r in $(seq "$REPS"); do
-    for t in $TARGETS; do
-        read -r T0 S0 < <(cpu_ticks)
-        suite "$t" "$r"
-        read -r T1 S1 < <(cpu_ticks)
-        printf '{"target":"%s","rep":%s,"ticks":%s,"steal":%s}\n' \
-            "$t" "$r" $((T1 - T0)) $((S1 - S0)) >> "$RES/steal.jsonl"
+    for w in ad b1 b4 c; do
+        for t in $TARGETS; do
+            if runs_on "$w" "$t"; then measure "$w" "$t" "$r"; fi
+        done
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
