@@ -12,6 +12,7 @@ mod demo_app;
 mod fdlimit;
 mod guard;
 mod mirror_apply;
+mod mirror_poll;
 mod mirror_server;
 mod mount;
 mod state;
