@@ -18,7 +18,8 @@
 //!
 //! While operations come in quick succession (a durability point every few
 //! hundred microseconds), the reader waits for the next one by polling for
-//! a bounded time instead of letting its thread go idle (see `Polling`).
+//! a bounded time instead of letting its thread go idle (see
+//! `crate::mirror_poll`).
 
 use hapair_mirror::Applier;
 use hapair_proto::{FromMirror, Op, PooledBuf, Seq, ToMirror};
@@ -45,33 +46,6 @@ const GROUP_COMMIT_OPS: usize = 256;
 const GROUP_COMMIT_BYTES: usize = 16 << 20;
 /// Operations with payloads up to this size may be applied by the reader.
 const INLINE_MAX_PAYLOAD: usize = 64 << 10;
-/// The next frame body, polled for as `polling` says, then awaited.
-async fn next_body(
-    reader: &mut FrameReader,
-    polling: &mut Polling,
-) -> anyhow::Result<Option<PooledBuf>> {
-    let start = Instant::now();
-    let budget = polling.budget(start);
-    if !budget.is_zero() {
-        loop {
-            if let Poll::Ready(r) = body_ready(reader) {
-                polling.arrived(start.elapsed());
-                return r;
-            }
-            if start.elapsed() >= budget {
-                break;
-            }
-            // The CPU goes first to any thread that is ready to run on it
-            // (on the mirror's machine: anything else it runs), then to this
-            // runtime's other tasks.
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
-        }
-    }
-    let r = reader.next_body().await;
-    polling.arrived(start.elapsed());
-    r
-}
 
 pub(crate) enum Work {
     Manifest {
@@ -229,6 +203,34 @@ fn inline_eligible(w: &Work) -> bool {
 fn body_ready(reader: &mut FrameReader) -> Poll<anyhow::Result<Option<PooledBuf>>> {
     let mut cx = Context::from_waker(Waker::noop());
     std::pin::pin!(reader.next_body()).poll(&mut cx)
+}
+
+/// The next frame body, polled for as `polling` says, then awaited.
+async fn next_body(
+    reader: &mut FrameReader,
+    polling: &mut Polling,
+) -> anyhow::Result<Option<PooledBuf>> {
+    let start = Instant::now();
+    let budget = polling.budget(start);
+    if !budget.is_zero() {
+        loop {
+            if let Poll::Ready(r) = body_ready(reader) {
+                polling.arrived(start.elapsed());
+                return r;
+            }
+            if start.elapsed() >= budget {
+                break;
+            }
+            // The CPU goes first to any thread that is ready to run on it
+            // (on the mirror's machine: anything else it runs), then to this
+            // runtime's other tasks.
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+        }
+    }
+    let r = reader.next_body().await;
+    polling.arrived(start.elapsed());
+    r
 }
 
 async fn read_loop(

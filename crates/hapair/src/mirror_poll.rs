@@ -80,9 +80,9 @@ const STEAL_HOLD_MAX: u32 = 32;
 /// the hypervisor, for other guests) from `/proc/stat`, read at most once
 /// per `STEAL_EVERY`. A period in which more than 2 % of the CPU time was
 /// stolen is busy, and so are the `hold` periods after it; `hold` doubles
-/// with each busy period in a row that is seen (up to `STEAL_HOLD_MAX`,
-/// 8 s), since polling can itself make the host take CPU time back, and is
-/// halved by a calm one. A machine whose `/proc/stat` cannot be read counts
+/// with each busy period (up to `STEAL_HOLD_MAX`, 8 s), since polling can
+/// itself make the host take CPU time back, and halves with each calm
+/// period after the hold. A machine whose `/proc/stat` cannot be read counts
 /// as busy (no polling), a machine that is not virtual as calm.
 struct Steal {
     checked: Option<Instant>,
