@@ -245,9 +245,15 @@ impl Harness {
     /// Starts `hapair mount` and waits until DIR is a `fuse.hapair` mount.
     pub fn mount(&mut self, opts: &MountOpts) {
         self.spawn_mount(opts);
+        self.wait_mounted(opts);
+    }
+
+    /// Waits until the kernel holds the FUSE mount that `spawn_mount`
+    /// started (its status can say "replicating" a moment before).
+    pub fn wait_mounted(&mut self, opts: &MountOpts) {
         let (fuse, mount) = (self.fuse.as_ref(), self.mount.as_mut());
         let (Some(fuse), Some(mount)) = (fuse, mount) else {
-            unreachable!()
+            panic!("wait_mounted without a mount started by spawn_mount")
         };
         if let Err(e) = fuse.wait_mounted("fuse.hapair", opts.ready_timeout, mount) {
             panic!("hapair mount did not come up: {e}");

@@ -1565,6 +1565,9 @@ fn a_low_open_file_limit_is_raised_by_the_mount() {
     ctx(setrlimit(Resource::RLIMIT_NOFILE, soft, hard), || {
         "restoring the soft limit".into()
     });
+    // Before the mount is served, a mkdir would go to the directory
+    // underneath and never reach the mirror.
+    h.wait_mounted(&MountOpts::default());
     h.wait_status(Duration::from_secs(30), |v| v["state"] == "replicating")
         .unwrap_or_else(|e| panic!("mount not replicating: {e}"));
     let pid = h.mount.as_ref().expect("the mount runs").pid();
