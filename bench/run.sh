@@ -228,7 +228,10 @@ setup_floor() {
 }
 
 declare -A MOUNT_PID MIRROR_PID STATE_DIR
-replicating() { grep -q '"state": *"replicating"' "$1/status.json" 2>/dev/null; }
+replicating() {
+    grep -q '"state": *"replicating"' "$1/status.json" 2>/dev/null &&
+        grep -q '"serving": *true' "$1/status.json"
+}
 setup_hapair() {  # $1 target (hapair | hapair-strict), $2 mode, $3 port
     local t=$1 mode=$2 port=$3 d=$WORK/$1 mir=$WORK/$1-mirror st=$WORK/$1-state
     mkdir -p "$d" "$mir"

@@ -5,8 +5,9 @@
 
 use hapair_tests::proc::Stopped;
 use hapair_tests::treediff::DiffOptions;
-use hapair_tests::{env, workload, Harness, MountOpts};
-use std::time::Duration;
+use hapair_tests::{env, mount_fstype, workload, Harness, MountOpts};
+use std::io::Write;
+use std::time::{Duration, Instant};
 
 fn replicate_mixed(mode: &str) {
     let _s = env::serial();
@@ -35,6 +36,66 @@ fn replicate_basic_strict() {
 #[test]
 fn replicate_basic_async() {
     replicate_mixed("async");
+}
+
+/// status.json says `serving` only while the kernel holds the FUSE mount. A
+/// script that waits for it and writes into DIR at once writes through the
+/// mount, and the write reaches the mirror; after SIGTERM it says false.
+#[test]
+fn the_status_says_serving_only_while_the_mount_is_held() {
+    let _s = env::serial();
+    let mut h = Harness::new("serving");
+    h.start_mirror();
+    let opts = MountOpts::default();
+    h.spawn_mount(&opts);
+    let end = Instant::now() + Duration::from_secs(30);
+    let (mut unserved, mut unreadable) = (0u32, 0u32);
+    loop {
+        match h.status() {
+            Ok(v) if v["serving"] == true => {
+                assert_eq!(
+                    mount_fstype(&h.dir).as_deref(),
+                    Some("fuse.hapair"),
+                    "status says serving but {} is not the FUSE mount: {v}",
+                    h.dir.display()
+                );
+                break;
+            }
+            Ok(v) => {
+                assert_eq!(v["serving"], false, "status.json serving field: {v}");
+                unserved += 1;
+            }
+            Err(_) => unreadable += 1, // not written yet
+        }
+        assert!(
+            Instant::now() < end,
+            "status never said serving ({unserved} reads said not, {unreadable} unreadable); \
+             mount stderr:\n{}",
+            h.mount
+                .as_mut()
+                .map(|m| m.stderr_tail(30))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // At once, with no look at the mount table: this goes through the mount.
+    std::fs::create_dir(h.dir.join("first")).expect("mkdir first");
+    let mut f = std::fs::File::create(h.dir.join("first/f")).expect("create first/f");
+    f.write_all(b"written as soon as the status said serving\n")
+        .expect("write first/f");
+    f.sync_all().expect("fsync first/f");
+    drop(f);
+    h.wait_mounted(&opts);
+    h.wait_status(Duration::from_secs(30), |v| v["state"] == "replicating")
+        .unwrap_or_else(|e| panic!("mount not replicating: {e}"));
+    h.stop_mount(Duration::from_secs(60));
+    let st = h.status().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st["serving"], false, "status after the unmount: {st}");
+    assert!(
+        h.mirror_dir.join("first/f").is_file(),
+        "the mirror lacks first/f, written as soon as the status said serving"
+    );
+    h.assert_trees_equal(None, &DiffOptions::default());
 }
 
 /// Paths longer than PATH_MAX through the mount (40 levels of 150-byte

@@ -115,6 +115,9 @@ pub struct Shared {
     started: Instant,
     state: StateDir,
     status_base: Status,
+    /// The kernel holds the FUSE mount this client serves (see
+    /// [`ReplClient::set_serving`]).
+    serving: std::sync::atomic::AtomicBool,
 }
 
 /// The replication client of one mount.
@@ -216,6 +219,7 @@ impl ReplClient {
                 started: Instant::now(),
                 state,
                 status_base,
+                serving: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -791,6 +795,18 @@ impl ReplClient {
         clean
     }
 
+    /// Records whether the kernel holds the FUSE mount (from the moment the
+    /// mount is made, when requests on the directory reach this client,
+    /// until it is unmounted) and writes status.json: a script that waits
+    /// for "replicating" alone could otherwise write into the directory
+    /// underneath, unreplicated, in the moment before the mount is made.
+    pub fn set_serving(&self, on: bool) {
+        self.sh
+            .serving
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.write_status();
+    }
+
     /// Writes status.json (best effort; logs on failure).
     pub fn write_status(&self) {
         let mut s = self.sh.status_base.clone();
@@ -803,6 +819,7 @@ impl ReplClient {
         s.degraded_reason = st.degraded_reason;
         s.journal_records = st.journal_records;
         s.alone_allowed = st.alone_allowed;
+        s.serving = self.sh.serving.load(std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = self.sh.state.write_status(&s) {
             warn!("cannot write status: {e:#}");
         }

@@ -334,7 +334,9 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     info!(dir = %a.dir.display(), mode = %a.link.mode, "serving");
+    let serving = client.clone();
     let mounted = move || {
+        serving.set_serving(true);
         let _ = mounted_tx.send(());
     };
     let served = hapair_fs_replica::mount_blocking_then(fs, &a.dir, &opts, mounted).or_else(|e| {
@@ -348,6 +350,7 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
             Err(e)
         }
     });
+    client.set_serving(false);
     let clean = rt.block_on(async {
         let c = client.clone();
         tokio::task::spawn_blocking(move || c.shutdown())

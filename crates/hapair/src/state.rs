@@ -33,6 +33,9 @@ pub struct Status {
     /// The mount may acknowledge writes without its mirror (always for a
     /// standalone mount; under the supervisor, while it serves alone).
     pub alone_allowed: bool,
+    /// The kernel holds the FUSE mount: what is written into `dir` from now
+    /// on goes through the mount (false while it starts and once unmounted).
+    pub serving: bool,
 }
 
 #[derive(Clone, Debug)]

@@ -345,6 +345,7 @@ fn mount_one(s: &DirSpec, st: &MountSettings, allowed: bool) -> anyhow::Result<A
         ..Default::default()
     };
     let handle = hapair_fs_replica::mount_background(fs, &s.local, &opts)?;
+    client.set_serving(true);
     Ok(ActiveDir {
         spec: s.clone(),
         client,
@@ -363,6 +364,7 @@ fn unmount_all(dirs: Vec<Arc<Mutex<ActiveDir>>>, flush: bool) {
             if let Err(e) = h.unmount() {
                 warn!(dir = %d.spec.local.display(), "unmount: {e:#}");
             }
+            d.client.set_serving(false);
         }
         let clean = d.client.shutdown();
         if clean && flush {
