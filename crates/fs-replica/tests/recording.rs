@@ -602,11 +602,46 @@ impl WrittenTwice {
     }
 }
 
+impl WrittenTwice {
+    /// Waits (up to 5 s) for the pending mtime to be recorded: the kernel
+    /// sends the release of a closed file after close(2) has returned.
+    fn wait_sent(&self) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while mtimes_recorded(&self.rec.ops(), &rp("f")).len() < 2
+            && std::time::Instant::now() < end
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.assert_sent();
+    }
+}
+
 #[test]
-fn closing_a_written_file_sends_its_pending_mtime() {
+fn the_last_close_of_a_written_file_sends_its_pending_mtime() {
     let mut w = written_twice();
     drop(w.f.take());
-    w.assert_sent();
+    w.wait_sent();
+}
+
+/// close(2) sends no FLUSH (FOPEN_NOFLUSH; a flush would send the pending
+/// mtime): closing one of two descriptors sends nothing, closing the last
+/// one sends the mtime with the release.
+#[test]
+fn closing_one_of_two_descriptors_sends_no_flush() {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let mut w = written_twice();
+    let f = w.f.take().unwrap();
+    let second = f.try_clone().unwrap().into_raw_fd();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        mtimes_recorded(&w.rec.ops(), &rp("f")),
+        [("write", None)],
+        "closing one of two descriptors sent the mtime: the kernel sent a FLUSH"
+    );
+    // SAFETY: `second` is a descriptor this test owns and closes once.
+    drop(unsafe { fs::File::from_raw_fd(second) });
+    w.wait_sent();
 }
 
 #[test]
