@@ -176,7 +176,7 @@ def main():
     p("")
     p(f"- sizes: a/d {meta.get('seq_size', '?')}, b {meta.get('b_ios', '?')} I/Os per job, "
       f"c {meta.get('c_files', '?')} files of {meta.get('c_size', '?')} B; "
-      f"{meta.get('reps', '?')} repetition(s), each workload on every target in turn, medians shown")
+      f"{meta.get('reps', '?')} repetition(s), each workload on every target in turn (in reverse in even repetitions), medians shown")
     for k in ("kernel", "fio", "gluster", "hapair", "cpus", "load_before", "load_after"):
         if k in meta:
             p(f"- {k.replace('_', ' ')}: {meta[k]}")

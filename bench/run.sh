@@ -21,6 +21,9 @@
 #                  own copy: the best any replication can do here (no FUSE, no QUIC)
 # Each workload runs on every target in turn before the next workload, in
 # every repetition, so that ratios come from the same stretch of time; the
+# turn goes in the listed order in odd repetitions and in reverse in even
+# ones, so that no target always follows the same one (what a target
+# leaves behind, such as the inodes workload c frees, can slow the next); the
 # report (medians, ratios, the targets, the replication cost) is
 # printed and saved in the results directory.
 # Everything it starts (mounts, gluster volume and daemons, namespaces,
@@ -370,9 +373,11 @@ has hapair-strict && setup_hapair hapair-strict strict 7701
 has floor && setup_floor
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 say "load average before: $LOAD_BEFORE"
+REVERSED=$(printf '%s\n' $TARGETS | tac | tr '\n' ' ')
 for r in $(seq "$REPS"); do
+    if [ $((r % 2)) = 1 ]; then ORDER=$TARGETS; else ORDER=$REVERSED; fi
     for w in ad b1 b4 c; do
-        for t in $TARGETS; do
+        for t in $ORDER; do
             if runs_on "$w" "$t"; then measure "$w" "$t" "$r"; fi
         done
     done
