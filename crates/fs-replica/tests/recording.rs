@@ -561,7 +561,8 @@ fn a_write_soon_after_another_leaves_the_mtime_to_a_later_setattr() {
 
 /// A mount with file "f" written twice within the interval (the second
 /// write left its mtime unsent; the recorder holds only that write), and
-/// no child process started meanwhile (its exec would flush "f").
+/// no child process started meanwhile (a child holds "f" open until its
+/// exec, which moves the release of "f").
 /// Fields drop in this order: the file, the mount, then its directories.
 struct WrittenTwice {
     /// `None` once closed.
@@ -600,9 +601,7 @@ impl WrittenTwice {
             "{ops:#?}"
         );
     }
-}
 
-impl WrittenTwice {
     /// Waits (up to 5 s) for the pending mtime to be recorded: the kernel
     /// sends the release of a closed file after close(2) has returned.
     fn wait_sent(&self) {
