@@ -249,7 +249,7 @@ impl Harness {
     }
 
     /// Waits until the kernel holds the FUSE mount that `spawn_mount`
-    /// started (its status can say "replicating" a moment before).
+    /// started (as its status does once it says `serving`).
     pub fn wait_mounted(&mut self, opts: &MountOpts) {
         let (fuse, mount) = (self.fuse.as_ref(), self.mount.as_mut());
         let (Some(fuse), Some(mount)) = (fuse, mount) else {

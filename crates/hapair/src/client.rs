@@ -27,6 +27,7 @@ use hapair_transport::{FrameReader, FrameWriter};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -117,7 +118,7 @@ pub struct Shared {
     status_base: Status,
     /// The kernel holds the FUSE mount this client serves (see
     /// [`ReplClient::set_serving`]).
-    serving: std::sync::atomic::AtomicBool,
+    serving: AtomicBool,
 }
 
 /// The replication client of one mount.
@@ -219,7 +220,7 @@ impl ReplClient {
                 started: Instant::now(),
                 state,
                 status_base,
-                serving: std::sync::atomic::AtomicBool::new(false),
+                serving: AtomicBool::new(false),
             }),
         }
     }
@@ -801,9 +802,7 @@ impl ReplClient {
     /// for "replicating" alone could otherwise write into the directory
     /// underneath, unreplicated, in the moment before the mount is made.
     pub fn set_serving(&self, on: bool) {
-        self.sh
-            .serving
-            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.sh.serving.store(on, Ordering::SeqCst);
         self.write_status();
     }
 
@@ -819,7 +818,7 @@ impl ReplClient {
         s.degraded_reason = st.degraded_reason;
         s.journal_records = st.journal_records;
         s.alone_allowed = st.alone_allowed;
-        s.serving = self.sh.serving.load(std::sync::atomic::Ordering::SeqCst);
+        s.serving = self.sh.serving.load(Ordering::SeqCst);
         if let Err(e) = self.sh.state.write_status(&s) {
             warn!("cannot write status: {e:#}");
         }
