@@ -7,6 +7,7 @@
 //! adapter. The adapter (the `hapair` binary's client) owns the sockets, the
 //! threads and the journal file, and asks this core what to do.
 
+pub mod early;
 pub mod journal;
 pub mod plan;
 
