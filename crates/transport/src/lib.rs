@@ -11,15 +11,17 @@
 
 mod certs;
 mod frames;
+mod inline;
 mod quic;
 
 pub use certs::{
     tls_init, validate_node_name, TlsMaterial, CA_CERT_FILE, CA_KEY_FILE, MAX_NODE_NAME,
 };
 pub use frames::{FrameReader, FrameWriter};
+pub use inline::InlineRuntime;
 pub(crate) use quic::provider;
 pub use quic::{
-    client_endpoint, client_endpoint_with, connect, install_crypto_provider,
-    is_authentication_failure, peer_node_name, server_endpoint, server_endpoint_with,
-    TransportTuning,
+    client_endpoint, client_endpoint_inline, client_endpoint_with, connect,
+    install_crypto_provider, is_authentication_failure, peer_node_name, server_endpoint,
+    server_endpoint_with, TransportTuning,
 };

@@ -227,6 +227,7 @@ fn endpoint(
     addr: SocketAddr,
     tuning: &TransportTuning,
     server: Option<quinn::ServerConfig>,
+    runtime: Arc<dyn quinn::Runtime>,
 ) -> Result<quinn::Endpoint> {
     // The largest payload accepted, which is also announced to the peer
     // (its MTU discovery stops there).
@@ -242,7 +243,7 @@ fn endpoint(
     let socket = std::net::UdpSocket::bind(addr)
         .with_context(|| format!("cannot bind a UDP socket on {addr}"))?;
     size_socket_buffers(&socket, addr);
-    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+    quinn::Endpoint::new(config, server, socket, runtime)
         .with_context(|| format!("cannot start a QUIC endpoint on UDP {addr}"))
 }
 
@@ -290,7 +291,8 @@ pub fn server_endpoint_with(
         QuicServerConfig::try_from(cfg).context("the TLS configuration is not usable for QUIC")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(tuning.transport_config()?));
-    endpoint(addr, tuning, Some(server)).with_context(|| format!("cannot listen on UDP {addr}"))
+    endpoint(addr, tuning, Some(server), Arc::new(quinn::TokioRuntime))
+        .with_context(|| format!("cannot listen on UDP {addr}"))
 }
 
 /// A client endpoint with default tuning. See [`client_endpoint_with`].
@@ -310,6 +312,31 @@ pub fn client_endpoint_with(
     tls: &TlsMaterial,
     alpn: &[u8],
     tuning: &TransportTuning,
+) -> Result<quinn::Endpoint> {
+    client_endpoint_on(peer, tls, alpn, tuning, Arc::new(quinn::TokioRuntime))
+}
+
+/// A client endpoint as [`client_endpoint`] makes, whose connections can
+/// send from the thread that writes (see [`crate::InlineRuntime`]). Call it
+/// inside a tokio runtime.
+pub fn client_endpoint_inline(
+    peer: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+) -> Result<(quinn::Endpoint, Arc<crate::InlineRuntime>)> {
+    let rt = crate::InlineRuntime::new(
+        tokio::runtime::Handle::try_current().context("no tokio runtime for the endpoint")?,
+    );
+    let ep = client_endpoint_on(peer, tls, alpn, &TransportTuning::default(), rt.clone())?;
+    Ok((ep, rt))
+}
+
+fn client_endpoint_on(
+    peer: SocketAddr,
+    tls: &TlsMaterial,
+    alpn: &[u8],
+    tuning: &TransportTuning,
+    runtime: Arc<dyn quinn::Runtime>,
 ) -> Result<quinn::Endpoint> {
     let provider = provider();
     let verifier = ClusterServerVerifier {
@@ -340,7 +367,7 @@ pub fn client_endpoint_with(
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
     };
-    let mut ep = endpoint(bind, tuning, None)?;
+    let mut ep = endpoint(bind, tuning, None, runtime)?;
     ep.set_default_client_config(client);
     Ok(ep)
 }
