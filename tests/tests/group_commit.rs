@@ -8,11 +8,18 @@
 //! moment, every record that any writer acknowledged must be on the mirror,
 //! intact, as a prefix of that writer's records.
 //!
+//! Also early barriers: an application that fsyncs after every write gets
+//! the barrier recorded with the write, before it asks; each fsync must
+//! still return only once the mirror holds everything written before it,
+//! also when the application changes its pattern under the guess.
+//!
 //! Seeds are printed; set HAPAIR_TEST_SEED to replay one.
 
 use hapair_tests::env::{self, Rng};
 use hapair_tests::records::{check_records, read_ack_log};
 use hapair_tests::{Harness, MountOpts, Proc};
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -108,4 +115,98 @@ fn crash_sync_concurrent_fsyncs() {
 #[test]
 fn crash_strict_concurrent_writes() {
     concurrent_trials("strict", "write", 2);
+}
+
+/// A 4 KiB block saying which write of the test it is.
+fn block(n: u64) -> Vec<u8> {
+    let mut b = n.to_le_bytes().repeat(512);
+    b[0] = 0xeb;
+    b
+}
+
+/// The application's writes and fsyncs: `writes` blocks, then an fsync,
+/// `rounds` times. After each fsync, the mirror must already hold every
+/// block written so far (it applied them before acknowledging the barrier
+/// that the fsync waited for). Returns the next block number.
+fn write_fsync_rounds(h: &Harness, f: &std::fs::File, first: u64, rounds: u64, writes: u64) -> u64 {
+    let mut n = first;
+    for r in 0..rounds {
+        for _ in 0..writes {
+            f.write_all_at(&block(n), n * 4096).unwrap();
+            n += 1;
+        }
+        f.sync_all().unwrap();
+        let m = std::fs::read(h.mirror_dir.join("log")).unwrap_or_default();
+        for k in n - writes..n {
+            let at = (k * 4096) as usize;
+            assert!(
+                m.get(at..at + 4096) == Some(&block(k)[..]),
+                "round {r} of {writes} write(s) per fsync: block {k} is not on the mirror \
+                 when the fsync after it returned"
+            );
+        }
+    }
+    n
+}
+
+fn status_u64(v: &serde_json::Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status.json has no number {field}: {v}"))
+}
+
+/// Early barriers: after a few rounds of one write then one fsync, each
+/// write is followed by a barrier recorded at once, and each fsync reuses
+/// it (status.json counts both). Then the application writes twice per
+/// fsync: the guess made after the first write no longer covers the second,
+/// and the fsync must not take it (it records its own barrier); later the
+/// new pattern is guessed in turn. At every fsync the mirror holds every
+/// block written before it.
+#[test]
+fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
+    let _s = env::serial();
+    let mut h = Harness::new("early-barriers");
+    h.start_mirror();
+    h.mount(&MountOpts::mode("sync"));
+    let f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(h.dir.join("log"))
+        .unwrap();
+    let n = write_fsync_rounds(&h, &f, 0, 100, 1);
+    let s = h
+        .wait_status(Duration::from_secs(5), |v| {
+            status_u64(v, "early_barriers_reused") >= 90
+        })
+        .unwrap_or_else(|e| panic!("one write per fsync: {e}"));
+    let (guessed, reused) = (
+        status_u64(&s, "early_barriers"),
+        status_u64(&s, "early_barriers_reused"),
+    );
+    eprintln!("one write per fsync, 100 rounds: {guessed} early barriers, {reused} reused");
+    assert!(guessed >= reused && guessed <= 100, "{s}");
+
+    // Two writes per fsync: the first round's guess (after its first write)
+    // is wrong; the rounds after it are guessed again once the new count
+    // held for a few durability points.
+    let n = write_fsync_rounds(&h, &f, n, 60, 2);
+    let s = h
+        .wait_status(Duration::from_secs(5), |v| {
+            status_u64(v, "early_barriers_reused") >= reused + 50
+        })
+        .unwrap_or_else(|e| panic!("two writes per fsync: {e}"));
+    eprintln!(
+        "then two writes per fsync, 60 rounds: {} early barriers, {} reused",
+        status_u64(&s, "early_barriers"),
+        status_u64(&s, "early_barriers_reused")
+    );
+    // Irregular writers are not guessed at all, and still covered.
+    let mut n = n;
+    for writes in [1u64, 3, 2, 5, 1, 4, 2, 3, 1, 2] {
+        n = write_fsync_rounds(&h, &f, n, 1, writes);
+    }
+    drop(f);
+    h.stop_mount(Duration::from_secs(30));
+    h.assert_trees_equal(None, &Default::default());
 }

@@ -21,9 +21,10 @@ use crate::state::{StateDir, Status};
 use bytes::Bytes;
 use hapair_fs_replica::Completion;
 use hapair_proto::{encode_frame_head, FromMirror, Mode, Op, Seq, ToMirror};
+use hapair_repl_core::early::EarlyBarrier;
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
-use hapair_transport::{FrameReader, FrameWriter};
+use hapair_transport::{FrameReader, FrameWriter, InlineRuntime};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
@@ -104,10 +105,40 @@ struct Inner {
     /// Sequence number of the last barrier recorded (0: none): a durability
     /// point with nothing recorded since reuses it instead of adding one.
     last_barrier: Seq,
+    /// When to record a barrier before the application asks for one (see
+    /// `hapair_repl_core::early`), and the last barrier so recorded.
+    early: EarlyBarrier,
+    early_seq: Seq,
+    early_recorded: u64,
     /// Threads blocked on `Shared::cond` (an acknowledgement wakes them
     /// only if there are any: a wake-up is a system call).
     blocked: u32,
+    /// The current session's stream, for sending from the recording thread
+    /// (see `send_inline`).
+    inline: Option<InlineSend>,
 }
+
+/// A handshaken replication stream to the mirror, for a session.
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub writer: FrameWriter,
+    pub reader: FrameReader,
+    /// The runtime of the connection's endpoint, if FUSE threads may send
+    /// through it themselves (see `ReplClient::send_inline`).
+    pub inline: Option<Arc<InlineRuntime>>,
+}
+
+/// What a FUSE thread needs to send a session's queued frames itself.
+#[derive(Clone)]
+struct InlineSend {
+    session: u64,
+    rt: Arc<InlineRuntime>,
+    writer: SharedWriter,
+}
+
+/// The session's stream writer: whoever sends holds it while it takes
+/// frames from the queue and writes them, so frames leave in queue order.
+type SharedWriter = Arc<tokio::sync::Mutex<FrameWriter>>;
 
 pub struct Shared {
     inner: Mutex<Inner>,
@@ -138,6 +169,8 @@ pub struct ClientStats {
     pub inflight_bytes: u64,
     pub degraded_reason: Option<String>,
     pub journal_records: u64,
+    pub early_barriers: u64,
+    pub early_barriers_reused: u64,
 }
 
 impl ReplClient {
@@ -181,7 +214,10 @@ impl ReplClient {
             false,
         );
         c.lock().session = 1;
-        tokio::spawn(c.clone().sender(writer, 1));
+        tokio::spawn(
+            c.clone()
+                .sender(Arc::new(tokio::sync::Mutex::new(writer)), 1),
+        );
         tokio::spawn(c.clone().receiver(reader, 1));
         c.spawn_timer();
         c.write_status();
@@ -213,7 +249,11 @@ impl ReplClient {
                     supervised,
                     waiters: Vec::new(),
                     last_barrier: 0,
+                    early: EarlyBarrier::new(),
+                    early_seq: 0,
+                    early_recorded: 0,
                     blocked: 0,
+                    inline: None,
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
@@ -310,6 +350,8 @@ impl ReplClient {
             inflight_bytes: g.core.inflight_bytes(),
             degraded_reason: g.core.degraded_reason().map(str::to_string),
             journal_records: g.journal_records,
+            early_barriers: g.early_recorded,
+            early_barriers_reused: g.early.hits(),
         }
     }
 
@@ -407,39 +449,28 @@ impl ReplClient {
         if is_barrier {
             g.last_barrier = seq;
         }
+        let guess = matches!(op, Op::Write { .. }) && g.early.on_write();
         let recs = journal::records_for(&op, payload_len);
         match g.core.state() {
             LinkState::Replicating | LinkState::Resyncing => {
-                let inline = payload_len <= INLINE_PAYLOAD_BYTES;
-                let mut head = Vec::with_capacity(if inline { payload_len + 64 } else { 64 });
-                let msg = ToMirror::Op { seq, op };
-                if let Err(e) = encode_frame_head(&msg, payload_len, &mut head) {
-                    // Only a bug can produce an unencodable op (sizes are
-                    // bounded by the FUSE layer); never lose the change.
-                    error!("cannot encode op {seq}: {e}; going degraded");
-                    g.unacked.push_back((seq, recs));
-                    self.go_degraded(&mut g, "unencodable operation");
+                if !self.enqueue(&mut g, seq, op, payload, recs) {
                     return seq;
                 }
-                g.queued_bytes += (head.len() + payload_len) as u64;
-                if inline {
-                    head.extend_from_slice(payload.as_slice());
-                    g.queue.push_back(Bytes::from(head));
-                } else {
-                    g.queue.push_back(Bytes::from(head));
-                    if payload_len > 0 {
-                        g.queue.push_back(payload.into_bytes());
-                    }
-                }
-                g.unacked.push_back((seq, recs));
                 // Wake the sender only when someone waits for this operation
                 // or enough is queued (see LAZY_SEND_BYTES).
-                let wake = is_barrier
+                let mut wake = is_barrier
                     || g.core.config().mode == Mode::Strict
                     || g.queued_bytes >= LAZY_SEND_BYTES;
+                let mut barrier = is_barrier;
+                if guess && self.record_early_barrier(&mut g) {
+                    wake = true;
+                    barrier = true;
+                }
                 g.send_now |= wake;
+                // A barrier someone waits for, behind little: sent from here.
+                let inline = barrier && g.queued_bytes < LAZY_SEND_BYTES;
                 drop(g);
-                if wake {
+                if wake && !(inline && self.send_inline()) {
                     self.sh.wake_sender.notify_one();
                 }
             }
@@ -448,6 +479,65 @@ impl ReplClient {
             }
         }
         seq
+    }
+
+    /// Encodes one recorded operation into the send queue. False: it could
+    /// not be encoded (only a bug can do that: sizes are bounded by the FUSE
+    /// layer), and the pipeline went degraded, keeping the change in the
+    /// journal.
+    fn enqueue(
+        &self,
+        g: &mut MutexGuard<'_, Inner>,
+        seq: Seq,
+        op: Op,
+        payload: Payload<'_>,
+        recs: Vec<DirtyRecord>,
+    ) -> bool {
+        let payload_len = payload.len();
+        let inline = payload_len <= INLINE_PAYLOAD_BYTES;
+        let mut head = Vec::with_capacity(if inline { payload_len + 64 } else { 64 });
+        let msg = ToMirror::Op { seq, op };
+        if let Err(e) = encode_frame_head(&msg, payload_len, &mut head) {
+            error!("cannot encode op {seq}: {e}; going degraded");
+            g.unacked.push_back((seq, recs));
+            self.go_degraded(g, "unencodable operation");
+            return false;
+        }
+        g.queued_bytes += (head.len() + payload_len) as u64;
+        if inline {
+            head.extend_from_slice(payload.as_slice());
+            g.queue.push_back(Bytes::from(head));
+        } else {
+            g.queue.push_back(Bytes::from(head));
+            if payload_len > 0 {
+                g.queue.push_back(payload.into_bytes());
+            }
+        }
+        g.unacked.push_back((seq, recs));
+        true
+    }
+
+    /// Records a barrier right after a write that the application is
+    /// expected to make durable next (see `hapair_repl_core::early`), in
+    /// sync mode while replicating, if the pipeline admits it at once (a
+    /// guess never waits). True if it was recorded.
+    fn record_early_barrier(&self, g: &mut MutexGuard<'_, Inner>) -> bool {
+        let now = self.now_ms();
+        if g.core.config().mode != Mode::Sync
+            || g.core.state() != LinkState::Replicating
+            || g.core.admit(OP_OVERHEAD_BYTES, now) != Admit::Yes
+        {
+            return false;
+        }
+        let seq = g.core.push(OP_OVERHEAD_BYTES, now);
+        let recs = journal::records_for(&Op::Barrier, 0);
+        if !self.enqueue(g, seq, Op::Barrier, Payload::Borrowed(&[]), recs) {
+            return false;
+        }
+        g.last_barrier = seq;
+        g.early_seq = seq;
+        g.early_recorded += 1;
+        true
     }
 
     /// One round of a waiting loop: if the oldest unacknowledged op timed
@@ -564,6 +654,14 @@ impl ReplClient {
         }
     }
 
+    /// The application asked for a durability point: teaches the early
+    /// barrier predictor, before `plan_durability` records a barrier.
+    fn note_durability_point(&self) {
+        let mut g = self.lock();
+        let reused = g.early_seq != 0 && g.early_seq == g.core.last_seq();
+        g.early.on_durability_point(reused);
+    }
+
     /// Carries a durability point through to its end (blocking).
     /// `always_wait`: wait for the mirror even in async mode (unmount).
     fn finish_durability(&self, mut plan: Durability, always_wait: bool) -> Result<(), i32> {
@@ -604,6 +702,7 @@ impl ReplClient {
         &self,
         local: &mut dyn FnMut() -> Result<(), i32>,
     ) -> Result<(), i32> {
+        self.note_durability_point();
         let plan = self.plan_durability();
         local()?;
         self.finish_durability(plan, false)
@@ -618,6 +717,7 @@ impl ReplClient {
         local: &mut dyn FnMut() -> Result<(), i32>,
         done: Completion,
     ) {
+        self.note_durability_point();
         let plan = self.plan_durability();
         if let Err(e) = local() {
             return done(Err(e));
@@ -695,12 +795,17 @@ impl ReplClient {
     pub fn resync(
         &self,
         rt: &tokio::runtime::Handle,
-        conn: quinn::Connection,
-        writer: FrameWriter,
-        reader: FrameReader,
+        link: Link,
         next_seq: Seq,
         catch_up: impl FnOnce(&ReplClient) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
+        let Link {
+            conn,
+            writer,
+            reader,
+            inline,
+        } = link;
+        let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(writer));
         let session = {
             let mut g = self.lock();
             anyhow::ensure!(
@@ -726,6 +831,11 @@ impl ReplClient {
             g.queued_bytes = 0;
             g.send_now = false;
             g.unacked.clear();
+            g.inline = inline.map(|rt| InlineSend {
+                session: g.session,
+                rt,
+                writer: writer.clone(),
+            });
             g.session
         };
         rt.spawn(self.clone().sender(writer, session));
@@ -819,6 +929,8 @@ impl ReplClient {
         s.journal_records = st.journal_records;
         s.alone_allowed = st.alone_allowed;
         s.serving = self.sh.serving.load(Ordering::SeqCst);
+        s.early_barriers = st.early_barriers;
+        s.early_barriers_reused = st.early_barriers_reused;
         if let Err(e) = self.sh.state.write_status(&s) {
             warn!("cannot write status: {e:#}");
         }
@@ -830,51 +942,129 @@ impl ReplClient {
         g.session == session && g.core.state() != LinkState::Degraded
     }
 
-    async fn sender(self, mut writer: FrameWriter, session: u64) {
+    /// Takes up to one batch of frames from the queue (the caller holds the
+    /// writer). None: the session is over.
+    fn take_batch(&self, session: u64, batch: &mut Vec<Bytes>, force: bool) -> Option<bool> {
+        let mut g = self.lock();
+        if !Self::session_live(&g, session) {
+            return None;
+        }
+        if force || g.send_now || g.closing || g.queued_bytes >= LAZY_SEND_BYTES {
+            let mut n = 0;
+            while batch.len() < SEND_BATCH_CHUNKS && n < SEND_BATCH_BYTES {
+                match g.queue.pop_front() {
+                    Some(f) => {
+                        g.queued_bytes -= f.len() as u64;
+                        n += f.len();
+                        batch.push(f);
+                    }
+                    None => break,
+                }
+            }
+            if g.queue.is_empty() {
+                g.send_now = false;
+            }
+        }
+        Some(g.closing)
+    }
+
+    /// A write to the stream failed: the session is over.
+    fn send_failed(&self, session: u64, e: &anyhow::Error) {
+        let mut g = self.lock();
+        if g.session == session {
+            self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
+        }
+        drop(g);
+        self.complete_ready();
+        self.write_status();
+    }
+
+    /// Sends what is queued from this thread, if the session's stream is
+    /// free and takes it without waiting (see `InlineRuntime`): the packets
+    /// leave now, with no wake-up of the network thread. False: the sender
+    /// task must do it (it has been told to).
+    fn send_inline(&self) -> bool {
+        let Some(inl) = self.lock().inline.clone() else {
+            return false;
+        };
+        let Ok(mut w) = inl.writer.try_lock() else {
+            return false;
+        };
+        let done = inl.rt.drive(|| {
+            let mut batch = Vec::new();
+            match self.take_batch(inl.session, &mut batch, true) {
+                None => return true,
+                Some(_) if batch.is_empty() => return true,
+                Some(_) => {}
+            }
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            let mut i = 0;
+            // Each round writes at least one byte or stops.
+            for _ in 0..=batch.len() {
+                if i == batch.len() {
+                    break;
+                }
+                let polled = {
+                    let fut = w.stream_mut().write_chunks(&mut batch[i..]);
+                    let mut fut = std::pin::pin!(fut);
+                    std::future::Future::poll(fut.as_mut(), &mut cx)
+                };
+                match polled {
+                    std::task::Poll::Ready(Ok(written)) => {
+                        i += written.chunks;
+                        if written.bytes == 0 {
+                            break;
+                        }
+                    }
+                    std::task::Poll::Ready(Err(e)) => {
+                        self.send_failed(inl.session, &anyhow::Error::new(e));
+                        return true;
+                    }
+                    std::task::Poll::Pending => break,
+                }
+            }
+            if i < batch.len() {
+                // Flow control: the rest goes back to the front of the
+                // queue, for the sender task, before anyone else sends.
+                let mut g = self.lock();
+                for c in batch[i..].iter().rev().filter(|c| !c.is_empty()) {
+                    g.queued_bytes += c.len() as u64;
+                    g.queue.push_front(c.clone());
+                }
+                g.send_now = true;
+                return false;
+            }
+            true
+        });
+        drop(w);
+        if !done {
+            self.sh.wake_sender.notify_one();
+        }
+        true
+    }
+
+    async fn sender(self, writer: SharedWriter, session: u64) {
         let mut batch: Vec<Bytes> = Vec::with_capacity(SEND_BATCH_CHUNKS);
         loop {
             let notified = self.sh.wake_sender.notified();
             batch.clear();
-            let (live, closing) = {
-                let mut g = self.lock();
-                let live = Self::session_live(&g, session);
-                if live && (g.send_now || g.closing || g.queued_bytes >= LAZY_SEND_BYTES) {
-                    let mut n = 0;
-                    while batch.len() < SEND_BATCH_CHUNKS && n < SEND_BATCH_BYTES {
-                        match g.queue.pop_front() {
-                            Some(f) => {
-                                g.queued_bytes -= f.len() as u64;
-                                n += f.len();
-                                batch.push(f);
-                            }
-                            None => break,
-                        }
-                    }
-                    if g.queue.is_empty() {
-                        g.send_now = false;
-                    }
-                }
-                (live, g.closing)
-            };
-            if !live {
+            let mut w = writer.lock().await;
+            let Some(closing) = self.take_batch(session, &mut batch, false) else {
                 return;
-            }
+            };
             if batch.is_empty() {
                 if closing {
-                    let _ = writer.finish().await;
+                    let _ = w.stream_mut().finish();
                     return;
                 }
+                drop(w);
                 notified.await;
                 continue;
             }
-            if let Err(e) = writer.send_chunks(&mut batch).await {
-                let mut g = self.lock();
-                if g.session == session {
-                    self.go_degraded(&mut g, &format!("send to mirror failed: {e:#}"));
-                }
-                drop(g);
-                self.complete_ready();
-                self.write_status();
+            if let Err(e) = w.send_chunks(&mut batch).await {
+                drop(w);
+                self.send_failed(session, &e);
                 return;
             }
         }

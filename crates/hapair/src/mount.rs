@@ -56,13 +56,14 @@ pub struct Connected {
     conn: quinn::Connection,
     writer: FrameWriter,
     reader: FrameReader,
+    inline: std::sync::Arc<hapair_transport::InlineRuntime>,
 }
 
 /// Opens an authenticated QUIC connection and the replication stream. The
 /// handshake proper ([`hello`]) comes later, once mutations are paused.
 pub async fn dial(l: &LinkCfg) -> anyhow::Result<Connected> {
     let timeout = Duration::from_millis(l.timeout_ms);
-    let ep = hapair_transport::client_endpoint(l.peer, &l.tls, ALPN_REPLICATION)?;
+    let (ep, inline) = hapair_transport::client_endpoint_inline(l.peer, &l.tls, ALPN_REPLICATION)?;
     let conn = hapair_transport::connect(&ep, l.peer, l.peer_node.as_deref(), timeout).await?;
     let (send, recv) = tokio::time::timeout(timeout, conn.open_bi())
         .await
@@ -72,6 +73,7 @@ pub async fn dial(l: &LinkCfg) -> anyhow::Result<Connected> {
         conn,
         writer: FrameWriter::new(send),
         reader: FrameReader::new(recv),
+        inline,
     })
 }
 
@@ -188,7 +190,13 @@ pub fn join_mirror(
         entries_mirror: remote.len(),
         ..Default::default()
     };
-    client.resync(rt, c.conn, c.writer, c.reader, next_seq, |cl| {
+    let link = crate::client::Link {
+        conn: c.conn,
+        writer: c.writer,
+        reader: c.reader,
+        inline: Some(c.inline),
+    };
+    client.resync(rt, link, next_seq, |cl| {
         let s = crate::sync::synchronise(cl, backing, &local, &remote, &dirty)?;
         stats.plan = format!("{s:?}");
         Ok(())

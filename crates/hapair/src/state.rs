@@ -36,6 +36,11 @@ pub struct Status {
     /// The kernel holds the FUSE mount: what is written into `dir` from now
     /// on goes through the mount (false while it starts and once unmounted).
     pub serving: bool,
+    /// Barriers recorded right after a write, before the application asked
+    /// for a durability point (see `hapair_repl_core::early`), and the
+    /// durability points that found one still covering everything.
+    pub early_barriers: u64,
+    pub early_barriers_reused: u64,
 }
 
 #[derive(Clone, Debug)]
