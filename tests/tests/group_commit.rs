@@ -160,7 +160,8 @@ fn status_u64(v: &serde_json::Value, field: &str) -> u64 {
 /// it (status.json counts both). Then the application writes twice per
 /// fsync: the guess made after the first write no longer covers the second,
 /// and the fsync must not take it (it records its own barrier); later the
-/// new pattern is guessed in turn. At every fsync the mirror holds every
+/// new pattern is guessed in turn. Then irregular counts, then two files
+/// written and synced interleaved. At every fsync the mirror holds every
 /// block written before it.
 #[test]
 fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
@@ -206,7 +207,47 @@ fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
     for writes in [1u64, 3, 2, 5, 1, 4, 2, 3, 1, 2] {
         n = write_fsync_rounds(&h, &f, n, 1, writes);
     }
-    drop(f);
+    // Two writers, each on its own file, interleaved (write A, write B,
+    // fsync B, fsync A): each file's pattern is followed apart, so both
+    // writes get their barrier, and each fsync still finds the mirror
+    // holding its file's block.
+    let g = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(h.dir.join("log2"))
+        .unwrap();
+    let before = status_u64(&h.status().unwrap(), "early_barriers");
+    for k in 0..40u64 {
+        let b = 1_000_000 + k;
+        f.write_all_at(&block(n), n * 4096).unwrap();
+        g.write_all_at(&block(b), k * 4096).unwrap();
+        g.sync_all().unwrap();
+        f.sync_all().unwrap();
+        let m = std::fs::read(h.mirror_dir.join("log")).unwrap_or_default();
+        let m2 = std::fs::read(h.mirror_dir.join("log2")).unwrap_or_default();
+        let at = (n * 4096) as usize;
+        let at2 = (k * 4096) as usize;
+        assert!(
+            m.get(at..at + 4096) == Some(&block(n)[..]),
+            "two files, round {k}: log"
+        );
+        assert!(
+            m2.get(at2..at2 + 4096) == Some(&block(b)[..]),
+            "two files, round {k}: log2"
+        );
+        n += 1;
+    }
+    let s = h
+        .wait_status(Duration::from_secs(5), |v| {
+            status_u64(v, "early_barriers") >= before + 60
+        })
+        .unwrap_or_else(|e| panic!("two files: {e}"));
+    eprintln!(
+        "then two files, 40 rounds: {} early barriers in all, {} reused",
+        status_u64(&s, "early_barriers"),
+        status_u64(&s, "early_barriers_reused")
+    );
+    drop((f, g));
     h.stop_mount(Duration::from_secs(30));
     h.assert_trees_equal(None, &Default::default());
 }

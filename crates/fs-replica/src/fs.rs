@@ -60,6 +60,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use hapair_proto::{Op, RelPath, Seq, TimeSet, Timestamp};
+use hapair_repl_core::early::EarlyFiles;
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{CStr, CString, OsStr};
@@ -161,6 +162,9 @@ struct WriteDone {
     written: u32,
     /// The last op the write recorded.
     seq: Option<Seq>,
+    /// An early barrier was recorded after it: send it once the ordering
+    /// lock is released.
+    early: bool,
     /// An O_SYNC (false) / O_DSYNC (true) handle: the write is a durability
     /// point.
     sync: Option<(Arc<FileH>, bool)>,
@@ -209,6 +213,10 @@ pub struct ReplicaFs {
     /// Written files: when their exact mtime was last sent, and whether a
     /// write since left it unsent.
     mtimes: Mutex<Mtimes>,
+    /// Per file: does the application make it durable after the same
+    /// number of writes each time (see `Replicator::early_barrier`)? Taken
+    /// under the ordering lock (writes) or alone (fsync).
+    early: Mutex<EarlyFiles>,
 }
 
 #[derive(Default)]
@@ -538,6 +546,7 @@ impl ReplicaFs {
             bufs: BufPool::default(),
             direct_ok: AtomicBool::new(true),
             mtimes: Mutex::new(Mtimes::default()),
+            early: Mutex::new(EarlyFiles::new()),
         })
     }
 
@@ -1281,10 +1290,11 @@ impl ReplicaFs {
         debug_assert_eq!(h.ino, ino);
         let ino = h.ino;
         let mut rec = self.rec();
-        let (written, err) = {
+        let (written, err, early) = {
             let _order = lock(&self.order);
             let (ifd, _) = self.node(ino)?;
             let path = self.record_path(ino, ifd.as_fd())?;
+            let recorded = path.is_some();
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 self.kill_suid(ino, ifd.as_fd(), path.as_ref(), &mut rec)?;
             }
@@ -1332,7 +1342,15 @@ impl ReplicaFs {
                     (n, err)
                 }
             };
-            (n, err)
+            // A barrier right behind the write, if the application is
+            // expected to make the file durable now (not for an O_SYNC
+            // handle: that write is a durability point already).
+            let early = n > 0
+                && recorded
+                && h.sync.is_none()
+                && lock(&self.early).on_write(ino)
+                && self.repl.early_barrier();
+            (n, err, early)
         };
         if written == 0 {
             if let Some(e) = err {
@@ -1345,6 +1363,7 @@ impl ReplicaFs {
         Ok(WriteDone {
             written: u32::try_from(written).map_err(|_| Errno::EIO)?,
             seq: rec.last,
+            early,
             sync: h.sync.map(|datasync| (h.clone(), datasync)),
         })
     }
@@ -2061,6 +2080,11 @@ impl Filesystem for ReplicaFs {
             Ok(w) => w,
             Err(e) => return reply.error(e),
         };
+        if w.early {
+            // Before the answer: the mirror's part of the durability point
+            // starts now, the application's fsync comes after the answer.
+            self.repl.send_recorded();
+        }
         let n = w.written;
         let answer = move |r: R<()>| match r {
             Ok(()) => reply.written(n),
@@ -2122,6 +2146,7 @@ impl Filesystem for ReplicaFs {
     ) {
         // Before the durability point, which then covers it.
         self.send_pending_mtime_logged(ino.0, true);
+        lock(&self.early).on_durability_point(ino.0);
         match self.file(fh) {
             Ok(h) => self.sync_then(h.fd.as_fd(), datasync, reply),
             Err(e) => reply.error(e),

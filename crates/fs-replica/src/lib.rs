@@ -62,6 +62,18 @@ pub trait Replicator: Send + Sync + 'static {
         local()?;
         self.durability_point()
     }
+    /// Records a barrier right after the write just recorded, because the
+    /// application is expected to ask for a durability point next (see
+    /// `hapair_repl_core::early`). Called under the ordering lock, like
+    /// `record`. True if one was recorded: then call
+    /// [`Replicator::send_recorded`] once the ordering lock is released.
+    /// The default records nothing.
+    fn early_barrier(&self) -> bool {
+        false
+    }
+    /// Sends what has been recorded now (after an early barrier), from the
+    /// calling thread if it can. The default does nothing.
+    fn send_recorded(&self) {}
     /// [`Replicator::after_mutation`] without blocking the calling thread:
     /// `done` receives the outcome once the call may return to the
     /// application, exactly once, from any thread (possibly this one, before

@@ -21,7 +21,6 @@ use crate::state::{StateDir, Status};
 use bytes::Bytes;
 use hapair_fs_replica::Completion;
 use hapair_proto::{encode_frame_head, FromMirror, Mode, Op, Seq, ToMirror};
-use hapair_repl_core::early::EarlyBarrier;
 use hapair_repl_core::journal::{self, DirtyRecord};
 use hapair_repl_core::{Admit, CoreConfig, LinkState, ReplCore, WaitFor};
 use hapair_transport::{FrameReader, FrameWriter, InlineRuntime};
@@ -105,11 +104,12 @@ struct Inner {
     /// Sequence number of the last barrier recorded (0: none): a durability
     /// point with nothing recorded since reuses it instead of adding one.
     last_barrier: Seq,
-    /// When to record a barrier before the application asks for one (see
-    /// `hapair_repl_core::early`), and the last barrier so recorded.
-    early: EarlyBarrier,
+    /// The last barrier recorded before the application asked for one
+    /// (see `Replicator::early_barrier`; 0: none yet), how many were, and
+    /// how many durability points found one still the last op recorded.
     early_seq: Seq,
     early_recorded: u64,
+    early_reused: u64,
     /// Threads blocked on `Shared::cond` (an acknowledgement wakes them
     /// only if there are any: a wake-up is a system call).
     blocked: u32,
@@ -249,9 +249,9 @@ impl ReplClient {
                     supervised,
                     waiters: Vec::new(),
                     last_barrier: 0,
-                    early: EarlyBarrier::new(),
                     early_seq: 0,
                     early_recorded: 0,
+                    early_reused: 0,
                     blocked: 0,
                     inline: None,
                 }),
@@ -351,7 +351,7 @@ impl ReplClient {
             degraded_reason: g.core.degraded_reason().map(str::to_string),
             journal_records: g.journal_records,
             early_barriers: g.early_recorded,
-            early_barriers_reused: g.early.hits(),
+            early_barriers_reused: g.early_reused,
         }
     }
 
@@ -449,7 +449,6 @@ impl ReplClient {
         if is_barrier {
             g.last_barrier = seq;
         }
-        let guess = matches!(op, Op::Write { .. }) && g.early.on_write();
         let recs = journal::records_for(&op, payload_len);
         match g.core.state() {
             LinkState::Replicating | LinkState::Resyncing => {
@@ -458,17 +457,12 @@ impl ReplClient {
                 }
                 // Wake the sender only when someone waits for this operation
                 // or enough is queued (see LAZY_SEND_BYTES).
-                let mut wake = is_barrier
+                let wake = is_barrier
                     || g.core.config().mode == Mode::Strict
                     || g.queued_bytes >= LAZY_SEND_BYTES;
-                let mut barrier = is_barrier;
-                if guess && self.record_early_barrier(&mut g) {
-                    wake = true;
-                    barrier = true;
-                }
                 g.send_now |= wake;
                 // A barrier someone waits for, behind little: sent from here.
-                let inline = barrier && g.queued_bytes < LAZY_SEND_BYTES;
+                let inline = is_barrier && g.queued_bytes < LAZY_SEND_BYTES;
                 drop(g);
                 if wake && !(inline && self.send_inline()) {
                     self.sh.wake_sender.notify_one();
@@ -518,10 +512,11 @@ impl ReplClient {
     }
 
     /// Records a barrier right after a write that the application is
-    /// expected to make durable next (see `hapair_repl_core::early`), in
+    /// expected to make durable next (see `Replicator::early_barrier`), in
     /// sync mode while replicating, if the pipeline admits it at once (a
     /// guess never waits). True if it was recorded.
-    fn record_early_barrier(&self, g: &mut MutexGuard<'_, Inner>) -> bool {
+    pub fn early_barrier(&self) -> bool {
+        let mut g = self.lock();
         let now = self.now_ms();
         if g.core.config().mode != Mode::Sync
             || g.core.state() != LinkState::Replicating
@@ -531,13 +526,22 @@ impl ReplClient {
         }
         let seq = g.core.push(OP_OVERHEAD_BYTES, now);
         let recs = journal::records_for(&Op::Barrier, 0);
-        if !self.enqueue(g, seq, Op::Barrier, Payload::Borrowed(&[]), recs) {
+        if !self.enqueue(&mut g, seq, Op::Barrier, Payload::Borrowed(&[]), recs) {
             return false;
         }
         g.last_barrier = seq;
         g.early_seq = seq;
         g.early_recorded += 1;
+        g.send_now = true;
         true
+    }
+
+    /// Sends what is queued now: from this thread if it can, else by the
+    /// sender task (see `Replicator::send_recorded`).
+    pub fn send_recorded(&self) {
+        if !self.send_inline() {
+            self.sh.wake_sender.notify_one();
+        }
     }
 
     /// One round of a waiting loop: if the oldest unacknowledged op timed
@@ -654,12 +658,14 @@ impl ReplClient {
         }
     }
 
-    /// The application asked for a durability point: teaches the early
-    /// barrier predictor, before `plan_durability` records a barrier.
+    /// The application asked for a durability point: counts it among the
+    /// reuses of an early barrier if one is still the last op recorded
+    /// (`plan_durability` then reuses it).
     fn note_durability_point(&self) {
         let mut g = self.lock();
-        let reused = g.early_seq != 0 && g.early_seq == g.core.last_seq();
-        g.early.on_durability_point(reused);
+        if g.early_seq != 0 && g.early_seq == g.core.last_seq() {
+            g.early_reused += 1;
+        }
     }
 
     /// Carries a durability point through to its end (blocking).
@@ -1227,6 +1233,12 @@ impl hapair_fs_replica::Replicator for ReplClient {
     }
     fn record_owned(&self, op: Op, payload: Bytes) -> Seq {
         self.record_op_owned(op, payload)
+    }
+    fn early_barrier(&self) -> bool {
+        ReplClient::early_barrier(self)
+    }
+    fn send_recorded(&self) {
+        ReplClient::send_recorded(self)
     }
     fn waits_for_each_call(&self) -> bool {
         self.lock().core.config().mode == Mode::Strict

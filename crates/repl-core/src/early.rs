@@ -11,10 +11,13 @@
 //! that barrier still the last thing recorded, reuses it (see
 //! `last_barrier` in the adapter) and usually finds it already durable.
 //!
+//! Patterns are followed per file (`EarlyFiles`): concurrent writers, or a
+//! database's log and data files, each keep their own count.
+//!
 //! A barrier only ever makes the mirror durable sooner, so a wrong guess
 //! costs one sync of the mirror's disk, never a guarantee. Guesses are made
-//! only after the same count of writes preceded `STREAK` durability points
-//! in a row, and at most one per durability point.
+//! only after the same count of writes to a file preceded `STREAK` of its
+//! durability points in a row, and at most one per durability point.
 
 /// Durability points in a row with the same count of writes before them
 /// before the next such count is guessed.
@@ -24,7 +27,8 @@ pub const STREAK: u32 = 3;
 /// nothing worth a wrong guess).
 pub const MAX_WRITES: u32 = 16;
 
-/// The predictor. One per mount; no clock, no I/O.
+/// The predictor of one file (the application's pattern is per file: a
+/// log and a data file each have their own); no clock, no I/O.
 #[derive(Clone, Debug, Default)]
 pub struct EarlyBarrier {
     /// Writes recorded since the last durability point.
@@ -33,10 +37,6 @@ pub struct EarlyBarrier {
     last: u32,
     /// Durability points in a row preceded by `last` writes.
     streak: u32,
-    /// Guesses made, and durability points that found the guessed barrier
-    /// still the last thing recorded (for status and tests).
-    guessed: u64,
-    hits: u64,
 }
 
 impl EarlyBarrier {
@@ -47,22 +47,14 @@ impl EarlyBarrier {
     /// A write was recorded. True: record a barrier right after it.
     pub fn on_write(&mut self) -> bool {
         self.writes = self.writes.saturating_add(1);
-        let guess = self.streak >= STREAK
+        self.streak >= STREAK
             && self.last > 0
             && self.last <= MAX_WRITES
-            && self.writes == self.last;
-        if guess {
-            self.guessed += 1;
-        }
-        guess
+            && self.writes == self.last
     }
 
-    /// The application asked for a durability point. `reused`: it found an
-    /// early barrier still the last thing recorded.
-    pub fn on_durability_point(&mut self, reused: bool) {
-        if reused {
-            self.hits += 1;
-        }
+    /// The application asked for a durability point of this file.
+    pub fn on_durability_point(&mut self) {
         if self.writes == self.last {
             self.streak = self.streak.saturating_add(1);
         } else {
@@ -71,16 +63,49 @@ impl EarlyBarrier {
         }
         self.writes = 0;
     }
+}
 
-    /// Early barriers recorded so far.
-    pub fn guessed(&self) -> u64 {
-        self.guessed
+/// The predictors of the files written lately, by a key the caller picks
+/// (an inode number). At most `FILES` of them: one more clears them all
+/// (each pattern is learnt again in `STREAK` durability points), so that
+/// the memory stays bounded whatever the application does.
+#[derive(Debug, Default)]
+pub struct EarlyFiles {
+    files: std::collections::HashMap<u64, EarlyBarrier>,
+}
+
+/// Files whose patterns are followed at once.
+pub const FILES: usize = 1024;
+
+impl EarlyFiles {
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Durability points that reused an early barrier (several concurrent
-    /// ones may share one, so this can exceed `guessed`).
-    pub fn hits(&self) -> u64 {
-        self.hits
+    fn file(&mut self, key: u64) -> &mut EarlyBarrier {
+        if self.files.len() >= FILES && !self.files.contains_key(&key) {
+            self.files.clear();
+        }
+        self.files.entry(key).or_default()
+    }
+
+    /// A write of `key` was recorded. True: record a barrier right after it.
+    pub fn on_write(&mut self, key: u64) -> bool {
+        self.file(key).on_write()
+    }
+
+    /// The application asked for a durability point of `key`.
+    pub fn on_durability_point(&mut self, key: u64) {
+        self.file(key).on_durability_point();
+    }
+
+    /// Files followed now.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
     }
 }
 
@@ -106,7 +131,7 @@ mod tests {
                 if let Some(i) = guessed_at {
                     assert_eq!(i, n, "guessed on write {i} of {n}");
                 }
-                e.on_durability_point(guessed_at.is_some());
+                e.on_durability_point();
                 guessed_at.is_some()
             })
             .collect()
@@ -125,23 +150,22 @@ mod tests {
         let mut e = EarlyBarrier::new();
         for i in 0..4 {
             assert_eq!(e.on_write(), i == 3);
-            e.on_durability_point(i == 3);
+            e.on_durability_point();
         }
         // The application now writes twice per point: the first write is
         // guessed (wrongly), the second is not, and the streak restarts.
         assert!(e.on_write(), "steady 1-write pattern guessed");
         assert!(!e.on_write(), "no second guess before the point");
-        e.on_durability_point(false);
+        e.on_durability_point();
         for _ in 0..2 {
             assert!(!e.on_write());
             assert!(!e.on_write());
-            e.on_durability_point(false);
+            e.on_durability_point();
         }
         // Three points of two writes each: the second write is guessed.
         assert!(!e.on_write());
         assert!(e.on_write());
-        e.on_durability_point(true);
-        assert_eq!((e.guessed(), e.hits()), (3, 2));
+        e.on_durability_point();
     }
 
     #[test]
@@ -159,13 +183,39 @@ mod tests {
             writes: u32::MAX - 1,
             last: 1,
             streak: u32::MAX,
-            guessed: 0,
-            hits: 0,
         };
         assert!(!e.on_write());
         assert!(!e.on_write());
-        e.on_durability_point(false);
+        e.on_durability_point();
         assert_eq!(e.last, u32::MAX);
         assert_eq!(e.streak, 1);
+    }
+
+    #[test]
+    fn files_are_followed_apart_and_their_number_is_bounded() {
+        // Four writers, each on its own file, interleaved: one write then
+        // one fsync each. A single count over all of them would see 0 to 4
+        // writes before each point and never guess; per file, each is
+        // guessed after its own streak.
+        let mut f = EarlyFiles::new();
+        let mut guessed = [0u32; 4];
+        for _ in 0..10 {
+            for k in 0..4u64 {
+                if f.on_write(k) {
+                    guessed[k as usize] += 1;
+                }
+            }
+            for k in [2u64, 0, 3, 1] {
+                f.on_durability_point(k);
+            }
+        }
+        assert_eq!(guessed, [7; 4], "rounds 4 to 10 of each file");
+        // More files than followed: memory stays bounded, patterns are
+        // learnt again.
+        for k in 0..(FILES as u64 * 3) {
+            f.on_write(k);
+            f.on_durability_point(k);
+            assert!(f.len() <= FILES);
+        }
     }
 }
