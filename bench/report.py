@@ -11,6 +11,7 @@ RESULTS_DIR holds what run.sh wrote:
   rss.json                  peak RSS of every hapair process
   steal.jsonl               one line per target, workload and repetition: CPU
                             ticks of the machine and those the host stole
+  floor/transport.<rep>.json   quic_floor's figures (the transport alone)
 """
 import glob
 import json
@@ -102,6 +103,30 @@ def summarise_target(d):
     r["c_unlink"] = [x["unlink_fps"] for x in sf]
     r["c_sync_s"] = [x["sync_s"] for x in sf]
     return r
+
+
+def transport_figures(root):
+    """Medians of quic_floor's figures over the repetitions, or None."""
+    xs = reps(os.path.join(root, "floor"), "transport")
+    if not xs:
+        return None
+    def m(f):
+        vals = []
+        for x in xs:
+            try:
+                vals.append(float(f(x)))
+            except (KeyError, TypeError, ValueError):
+                pass
+        return med(vals)
+    return {
+        "udp50": m(lambda x: x["udp_rtt_us"]["p50"]),
+        "udp99": m(lambda x: x["udp_rtt_us"]["p99"]),
+        "quic50": m(lambda x: x["quic_rtt_us"]["p50"]),
+        "quic99": m(lambda x: x["quic_rtt_us"]["p99"]),
+        "mibs": m(lambda x: x["bulk_mib_s"]),
+        "cpu_tx": m(lambda x: x["bulk_cpu_s_per_gib"]["client"]),
+        "cpu_rx": m(lambda x: x["bulk_cpu_s_per_gib"]["server"]),
+    }
 
 
 def fmt(x, nd=0):
@@ -260,6 +285,38 @@ def main():
         p(f"| floor / native | {fmt(ratio(fb, get('native', 'b')), 2)} (target for hapair: 0.40) |")
         p(f"| floor / GlusterFS | {fmt(ratio(fb, get('gluster', 'b')), 2)} (target for hapair: 3) |")
         p(f"| hapair sync / floor | {fmt(ratio(h.get('b'), fb), 2)} |")
+        p("")
+    tr = transport_figures(root)
+    if tr:
+        na, nb = get("native", "a"), get("native", "b")
+        p("### The transport alone (same veth, same run)")
+        p("")
+        p("crates/transport/examples/quic_floor.rs: a 4 KiB message and a 60-byte answer, "
+          "in hapair's QUIC (mutual TLS, one stream, everything on one runtime thread at "
+          "each end) and in plain UDP datagrams; then a bulk transfer in 1 MiB frames, "
+          "with nothing written to disk.")
+        p("")
+        p("| figure | value |")
+        p("|---|---|")
+        p(f"| round trip p50 / p99, UDP | {fmt(tr['udp50'])} / {fmt(tr['udp99'])} µs |")
+        p(f"| round trip p50 / p99, QUIC | {fmt(tr['quic50'])} / {fmt(tr['quic99'])} µs "
+          f"(QUIC adds {fmt(tr['quic50'] - tr['udp50'])} µs at p50) |")
+        p(f"| bulk transfer | {fmt(tr['mibs'])} MiB/s, {fmt(tr['cpu_tx'], 2)} + "
+          f"{fmt(tr['cpu_rx'], 2)} CPU s per GiB (sender + receiver) |")
+        p(f"| bulk transfer / native a | {fmt(ratio(tr['mibs'], na), 2)} "
+          f"(target for hapair's a, which also writes both copies: 0.40) |")
+        # What b can reach at best: the floor's operation, plus what QUIC adds
+        # to its round trip, plus the FUSE work that cannot overlap the
+        # mirror's part (the write reaching the mount and the fsync's answer
+        # reaching the application: half of what bindfs adds to native).
+        fb, bb = get("floor", "b"), get("bindfs", "b")
+        if not any(math.isnan(x) or x <= 0 for x in (fb, bb, nb)):
+            t = 1e6 / fb + (tr["quic50"] - tr["udp50"]) + 0.5 * (1e6 / bb - 1e6 / nb)
+            bound = 1e6 / t
+            p(f"| bound on b: floor + QUIC's extra round trip + half of FUSE's cost "
+              f"(bindfs − native) | {fmt(bound)} IOPS, {fmt(ratio(bound, nb), 2)} × native "
+              f"(target: 0.40), {fmt(ratio(bound, get('gluster', 'b')), 2)} × GlusterFS "
+              f"(target: 3) |")
         p("")
 
     # Replication cost.

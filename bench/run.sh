@@ -4,9 +4,9 @@
 #   bash bench/run.sh [--quick] [--reps N] [--targets "native bindfs gluster hapair hapair-strict floor"]
 #                     [--out FILE] [--keep] [--selftest]
 #
-# As root. Installs what it needs (Debian packages), builds hapair in release
-# mode (or uses $HAPAIR_BIN), then measures the workloads of
-# /work/shared/BENCHMARKS.md (a: sequential write with end_fsync, b: 4 KiB
+# As root. Installs what it needs (Debian packages), builds hapair and the
+# transport floor in release mode (or uses $HAPAIR_BIN and $QUIC_FLOOR_BIN),
+# then measures the workloads of /work/shared/BENCHMARKS.md (a: sequential write with end_fsync, b: 4 KiB
 # random write + fsync, b with 4 jobs, c: small-file creates/stat/unlink,
 # d: cold sequential read) on:
 #   native         a directory on the local disk (ext4)
@@ -18,7 +18,10 @@
 #   floor          workload b (1 job) only, by bench/repl_floor.c: each 4 KiB write
 #                  is sent in one UDP datagram over the same veth to a server in the
 #                  namespace that writes and fsyncs it, while the client fsyncs its
-#                  own copy: the best any replication can do here (no FUSE, no QUIC)
+#                  own copy: the best any replication can do here (no FUSE, no QUIC);
+#                  and the transport alone (crates/transport/examples/quic_floor.rs):
+#                  the round trip of a 4 KiB message in hapair's QUIC beside plain
+#                  UDP, and a bulk transfer's MiB/s and CPU per GiB, on the same veth
 # Each workload runs on every target in turn before the next workload, in
 # every repetition, so that ratios come from the same stretch of time; the
 # turn goes in the listed order in odd repetitions and in reverse in even
@@ -36,7 +39,7 @@ BENCH=$ROOT/bench
 PY=/usr/bin/python3
 
 MODE=full REPS="" TARGETS="" OUT="" KEEP=0
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) MODE=quick ;;
@@ -55,6 +58,12 @@ if [ "$(id -u)" != 0 ]; then
     exit 2
 fi
 
+# Transport floor: round trips and MiB of the bulk transfer.
+case $MODE in
+    full)     T_ROUNDS=2000; T_MIB=1024 ;;
+    quick)    T_ROUNDS=500;  T_MIB=256 ;;
+    selftest) T_ROUNDS=100;  T_MIB=16 ;;
+esac
 case $MODE in
     full)     SEQ=1G;   B_IOS=2000; C_FILES=10000; : "${REPS:=3}"
               : "${TARGETS:=native bindfs gluster hapair hapair-strict floor}" ;;
@@ -98,6 +107,16 @@ if has_hapair; then
         BIN=$ROOT/target/release/hapair
     fi
     [ -x "$BIN" ] || { echo "bench/run.sh: $BIN is not executable" >&2; exit 1; }
+fi
+if has floor; then
+    if [ -n "${QUIC_FLOOR_BIN:-}" ]; then
+        QUIC_FLOOR=$QUIC_FLOOR_BIN
+    else
+        say "cargo build --release --example quic_floor -p hapair-transport"
+        (cd "$ROOT" && cargo build --release -q --example quic_floor -p hapair-transport)
+        QUIC_FLOOR=$ROOT/target/release/examples/quic_floor
+    fi
+    [ -x "$QUIC_FLOOR" ] || { echo "bench/run.sh: $QUIC_FLOOR is not executable" >&2; exit 1; }
 fi
 
 # The revision measured, taken now (before any commit made during the run).
@@ -215,7 +234,15 @@ setup_netns() {
     ip -n "$NS" addr add "$IP_M/24" dev "$VETH_M"
     ip -n "$NS" link set "$VETH_M" up
     ip -n "$NS" link set lo up
-    if has_hapair; then "$BIN" tls init "$WORK/tls" --nodes n1,n2 >/dev/null; fi
+    if has_hapair || has floor; then
+        if [ -n "${BIN:-}" ]; then
+            "$BIN" tls init "$WORK/tls" --nodes n1,n2 >/dev/null
+        else
+            # No hapair target: the cluster's certificates from a build of it.
+            (cd "$ROOT" && cargo build --release -q -p hapair)
+            "$ROOT/target/release/hapair" tls init "$WORK/tls" --nodes n1,n2 >/dev/null
+        fi
+    fi
 }
 
 FLOOR_PORT=7702
@@ -323,6 +350,25 @@ rand_fsync() {  # $1 target, $2 rep, $3 jobs: b
     rm -f "$D"/$name.*
 }
 
+QUIC_FLOOR_PORT=7704
+quic_floor_listening() { ip netns exec "$NS" ss -Hlun "sport = :$QUIC_FLOOR_PORT" | grep -q .; }
+transport_floor() {  # $1 rep: the transport alone (quic_floor), on the floor target
+    local r=$1 O=$RES/floor p
+    say "[floor] rep $r: the transport alone, $T_ROUNDS round trips and $T_MIB MiB"
+    ip netns exec "$NS" "$QUIC_FLOOR" server "$WORK/tls" n2 "$IP_M:$QUIC_FLOOR_PORT" \
+        2>>"$LOGS/quic-floor-server.log" &
+    p=$!; STARTED_PIDS+=($p)
+    wait_for 30 "the transport floor server" quic_floor_listening
+    timeout 600 "$QUIC_FLOOR" client "$WORK/tls" n1 "$IP_M:$QUIC_FLOOR_PORT" n2 \
+        "$T_ROUNDS" "$T_MIB" > "$O/transport.$r.json"
+    # The server ends after one client; reap it here, so that its PID can
+    # be neither signalled by the cleanup nor reused meanwhile.
+    kill_pid "$p"; wait "$p" 2>/dev/null || true
+    local keep=() q
+    for q in "${STARTED_PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+    STARTED_PIDS=("${keep[@]}")
+}
+
 small_files() {  # $1 target, $2 rep: c
     local t=$1 r=$2 D=${DIR[$1]} O=$RES/$1
     say "[$t] rep $r: c $C_FILES small files"
@@ -338,7 +384,8 @@ small_files() {  # $1 target, $2 rep: c
 runs_on() {  # $1 workload, $2 target
     case $1:$2 in
         b1:*) return 0 ;;
-        *:floor) return 1 ;;
+        t:floor) return 0 ;;
+        t:*|*:floor) return 1 ;;
         b4:hapair-strict|c:hapair-strict) return 1 ;;
     esac
     return 0
@@ -356,6 +403,7 @@ measure() {  # $1 workload, $2 target, $3 rep
         b1) rand_fsync "$2" "$3" 1 ;;
         b4) rand_fsync "$2" "$3" 4 ;;
         c)  small_files "$2" "$3" ;;
+        t)  transport_floor "$3" ;;
     esac
     read -r t1 s1 < <(cpu_ticks)
     printf '{"target":"%s","workload":"%s","rep":%s,"ticks":%s,"steal":%s}\n' \
@@ -376,7 +424,7 @@ say "load average before: $LOAD_BEFORE"
 REVERSED=$(printf '%s\n' $TARGETS | tac | tr '\n' ' ')
 for r in $(seq "$REPS"); do
     if [ $((r % 2)) = 1 ]; then ORDER=$TARGETS; else ORDER=$REVERSED; fi
-    for w in ad b1 b4 c; do
+    for w in ad b1 b4 c t; do
         for t in $ORDER; do
             if runs_on "$w" "$t"; then measure "$w" "$t" "$r"; fi
         done
@@ -425,8 +473,10 @@ bad = [f"{t}/{w}" for t in ("native", "hapair") for w in want
        if not glob.glob(os.path.join(res, t, f"{w}.1.json"))]
 if not glob.glob(os.path.join(res, "floor", "randfsync.1.json")):
     bad.append("floor/randfsync")
+if not glob.glob(os.path.join(res, "floor", "transport.1.json")):
+    bad.append("floor/transport")
 if bad:
     sys.exit(f"selftest: missing results: {bad}")
-print("selftest: every workload produced results on native and hapair, and b on floor")
+print("selftest: every workload produced results on native and hapair, and b and the transport on floor")
 EOF
 fi

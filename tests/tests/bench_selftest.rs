@@ -10,6 +10,18 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+/// The transport floor's example, built beside the hapair binary by
+/// `cargo build --workspace --all-targets`.
+fn quic_floor_bin() -> std::path::PathBuf {
+    let bin = env::hapair_bin();
+    let p = bin
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("examples/quic_floor");
+    assert!(p.exists(), "{} is missing: build with --all-targets", p.display());
+    p
+}
+
 #[test]
 fn bench_selftest_runs_and_cleans_up() {
     let _s = env::serial();
@@ -21,6 +33,7 @@ fn bench_selftest_runs_and_cleans_up() {
         .arg(root.join("bench/run.sh"))
         .arg("--selftest")
         .env("HAPAIR_BIN", env::hapair_bin())
+        .env("QUIC_FLOOR_BIN", quic_floor_bin())
         .env("BENCH_WORKDIR", logs.path());
     let (s, p) = run_bounded("bench", &mut c, logs.path(), Duration::from_secs(200));
     let out = p.stdout();
