@@ -3,6 +3,7 @@
 computed within the run, the issue's targets, and the replication cost.
 
 Usage: report.py RESULTS_DIR        (prints Markdown on stdout)
+       report.py --merge-floor DIR REP   (the floor's 4 clients as one result)
 
 RESULTS_DIR holds what run.sh wrote:
   meta.json                 run parameters and machine state
@@ -285,6 +286,9 @@ def main():
         p(f"| floor / native | {fmt(ratio(fb, get('native', 'b')), 2)} (target for hapair: 0.40) |")
         p(f"| floor / GlusterFS | {fmt(ratio(fb, get('gluster', 'b')), 2)} (target for hapair: 3) |")
         p(f"| hapair sync / floor | {fmt(ratio(h.get('b'), fb), 2)} |")
+        p(f"| floor, 4 clients at once / 1 client | {fmt(ratio(get('floor', 'b4'), fb), 2)} "
+          f"(target for hapair's 4 jobs / 1 job: 2; hapair: "
+          f"{fmt(ratio(h.get('b4'), h.get('b')), 2)}) |")
         p("")
     tr = transport_figures(root)
     if tr:
@@ -357,5 +361,28 @@ def main():
     print("\n".join(out))
 
 
+def merge_floor(o, r):
+    """The floor's 4 clients of repetition r as one fio-like result: their
+    IOPS summed, the medians of their latency percentiles."""
+    jobs = [load_json(os.path.join(o, f"randfsync4-{i}.{r}.tmp")) for i in range(4)]
+    jobs = [fio_job(j) for j in jobs]
+    if any(j is None for j in jobs):
+        sys.exit(f"report.py: a floor client of repetition {r} left no result in {o}")
+    lat = {q: statistics.median(j["sync"]["lat_ns"]["percentile"][q] for j in jobs)
+           for q in ("50.000000", "99.000000")}
+    merged = {"jobs": [{
+        "jobname": "repl_floor x4",
+        "job_runtime": max(j["job_runtime"] for j in jobs),
+        "write": {"iops": sum(j["write"]["iops"] for j in jobs),
+                  "io_bytes": sum(j["write"]["io_bytes"] for j in jobs)},
+        "sync": {"lat_ns": {"percentile": lat}},
+    }]}
+    with open(os.path.join(o, f"randfsync4.{r}.json"), "w") as f:
+        json.dump(merged, f)
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--merge-floor":
+        merge_floor(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -15,10 +15,11 @@
 #   hapair         hapair mount --mode sync, replicated to hapair mirror running in
 #                  a second network namespace over a veth link (10.210.0.0/16)
 #   hapair-strict  the same in strict mode (workloads a and b only)
-#   floor          workload b (1 job) only, by bench/repl_floor.c: each 4 KiB write
-#                  is sent in one UDP datagram over the same veth to a server in the
-#                  namespace that writes and fsyncs it, while the client fsyncs its
-#                  own copy: the best any replication can do here (no FUSE, no QUIC);
+#   floor          workload b only (1 job, and 4 clients at once), by
+#                  bench/repl_floor.c: each 4 KiB write is sent in one UDP datagram
+#                  over the same veth to a server in the namespace that writes and
+#                  fsyncs it, while the client fsyncs its own copy: the best any
+#                  replication can do here (no FUSE, no QUIC);
 #                  and the transport alone (crates/transport/examples/quic_floor.rs):
 #                  the round trip of a 4 KiB message in hapair's QUIC beside plain
 #                  UDP, and a bulk transfer's MiB/s and CPU per GiB, on the same veth
@@ -39,7 +40,7 @@ BENCH=$ROOT/bench
 PY=/usr/bin/python3
 
 MODE=full REPS="" TARGETS="" OUT="" KEEP=0
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) MODE=quick ;;
@@ -246,14 +247,23 @@ setup_netns() {
 }
 
 FLOOR_PORT=7702
-floor_listening() { ip netns exec "$NS" ss -Hlun "sport = :$FLOOR_PORT" | grep -q .; }
+# b with 4 jobs on the floor: 4 clients, each with its own server (a server
+# answers one datagram at a time), file and port.
+FLOOR4_PORTS=(7710 7711 7712 7713)
+floor_listening() { ip netns exec "$NS" ss -Hlun "sport = :$1" | grep -q .; }
 setup_floor() {
     cc -O2 -o "$WORK/repl_floor" "$BENCH/repl_floor.c"
     mkdir -p "$WORK/floor" "$WORK/floor-mirror"
-    ip netns exec "$NS" "$WORK/repl_floor" server "$WORK/floor-mirror/copy" "$IP_M" "$FLOOR_PORT" \
-        2>"$LOGS/floor-server.log" &
-    STARTED_PIDS+=($!)
-    wait_for 60 "the floor server" floor_listening
+    local port i=0
+    for port in "$FLOOR_PORT" "${FLOOR4_PORTS[@]}"; do
+        ip netns exec "$NS" "$WORK/repl_floor" server "$WORK/floor-mirror/copy$i" "$IP_M" "$port" \
+            2>>"$LOGS/floor-server.log" &
+        STARTED_PIDS+=($!)
+        i=$((i + 1))
+    done
+    for port in "$FLOOR_PORT" "${FLOOR4_PORTS[@]}"; do
+        wait_for 60 "the floor server on port $port" floor_listening "$port"
+    done
     DIR[floor]=$WORK/floor
 }
 
@@ -330,10 +340,25 @@ seq_write_read() {  # $1 target, $2 rep: a, then d on the file a wrote
 rand_fsync() {  # $1 target, $2 rep, $3 jobs: b
     local t=$1 r=$2 jobs=$3 D=${DIR[$1]} O=$RES/$1 name=randfsync
     [ "$jobs" = 4 ] && name=randfsync4
-    if [ "$t" = floor ]; then
+    if [ "$t" = floor ] && [ "$jobs" = 1 ]; then
         say "[$t] rep $r: b 4 KiB write + fsync, 1 job, with no software in between"
         timeout 300 "$WORK/repl_floor" client "$D/copy" "$IP_M" "$FLOOR_PORT" "$B_IOS" \
             > "$O/randfsync.$r.json"
+        return 0
+    fi
+    if [ "$t" = floor ]; then
+        say "[$t] rep $r: b 4 KiB write + fsync, 4 clients at once, with no software in between"
+        local i cpids=()
+        for i in 0 1 2 3; do
+            timeout 300 "$WORK/repl_floor" client "$D/copy4-$i" "$IP_M" "${FLOOR4_PORTS[i]}" \
+                "$B_IOS" > "$O/randfsync4-$i.$r.tmp" &
+            cpids+=($!)
+        done
+        for i in "${cpids[@]}"; do wait "$i"; done
+        # One fio-like result: the clients' IOPS summed, their latencies'
+        # medians.
+        "$PY" "$BENCH/report.py" --merge-floor "$O" "$r"
+        rm -f "$O"/randfsync4-*."$r".tmp
         return 0
     fi
     say "[$t] rep $r: b 4 KiB write + fsync, $jobs job(s)"
@@ -384,7 +409,7 @@ small_files() {  # $1 target, $2 rep: c
 runs_on() {  # $1 workload, $2 target
     case $1:$2 in
         b1:*) return 0 ;;
-        t:floor) return 0 ;;
+        t:floor|b4:floor) return 0 ;;
         t:*|*:floor) return 1 ;;
         b4:hapair-strict|c:hapair-strict) return 1 ;;
     esac
@@ -473,10 +498,11 @@ bad = [f"{t}/{w}" for t in ("native", "hapair") for w in want
        if not glob.glob(os.path.join(res, t, f"{w}.1.json"))]
 if not glob.glob(os.path.join(res, "floor", "randfsync.1.json")):
     bad.append("floor/randfsync")
-if not glob.glob(os.path.join(res, "floor", "transport.1.json")):
-    bad.append("floor/transport")
+for w in ("transport", "randfsync4"):
+    if not glob.glob(os.path.join(res, "floor", f"{w}.1.json")):
+        bad.append(f"floor/{w}")
 if bad:
     sys.exit(f"selftest: missing results: {bad}")
-print("selftest: every workload produced results on native and hapair, and b and the transport on floor")
+print("selftest: every workload produced results on native and hapair, and b, b with 4 jobs and the transport on floor")
 EOF
 fi
