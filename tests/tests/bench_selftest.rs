@@ -18,7 +18,11 @@ fn quic_floor_bin() -> std::path::PathBuf {
         .parent()
         .unwrap_or(Path::new("."))
         .join("examples/quic_floor");
-    assert!(p.exists(), "{} is missing: build with --all-targets", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build with --all-targets",
+        p.display()
+    );
     p
 }
 

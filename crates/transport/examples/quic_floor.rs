@@ -17,8 +17,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use hapair_proto::{decode_body, ALPN_REPLICATION};
 use hapair_transport::{
-    client_endpoint, connect, install_crypto_provider, server_endpoint, FrameReader,
-    FrameWriter, TlsMaterial,
+    client_endpoint, connect, install_crypto_provider, server_endpoint, FrameReader, FrameWriter,
+    TlsMaterial,
 };
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -77,7 +77,9 @@ async fn next(r: &mut FrameReader) -> Result<(Msg, usize)> {
 fn udp_echo(sock: UdpSocket) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok((n, from)) = sock.recv_from(&mut buf) else { return };
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            return;
+        };
         if n >= 16 {
             let _ = sock.send_to(&buf[..REPLY_BYTES.min(n)], from);
         }
@@ -91,7 +93,9 @@ async fn server(tls: TlsMaterial, bind: SocketAddr) -> Result<()> {
     let ep = server_endpoint(bind, &tls, ALPN_REPLICATION)?;
     eprintln!("quic_floor: listening on {bind}");
     loop {
-        let Some(incoming) = ep.accept().await else { return Ok(()) };
+        let Some(incoming) = ep.accept().await else {
+            return Ok(());
+        };
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
