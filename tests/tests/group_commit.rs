@@ -155,6 +155,20 @@ fn status_u64(v: &serde_json::Value, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("status.json has no number {field}: {v}"))
 }
 
+/// Waits (up to 5 s) until status.json's counter `field` reaches `at_least`,
+/// then prints and returns (early barriers, reused).
+fn wait_early(h: &Harness, what: &str, field: &str, at_least: u64) -> (u64, u64) {
+    let s = h
+        .wait_status(Duration::from_secs(5), |v| status_u64(v, field) >= at_least)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let got = (
+        status_u64(&s, "early_barriers"),
+        status_u64(&s, "early_barriers_reused"),
+    );
+    eprintln!("{what}: {} early barriers in all, {} reused", got.0, got.1);
+    got
+}
+
 /// Early barriers: after a few rounds of one write then one fsync, each
 /// write is followed by a barrier recorded at once, and each fsync reuses
 /// it (status.json counts both). Then the application writes twice per
@@ -176,31 +190,26 @@ fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
         .open(h.dir.join("log"))
         .unwrap();
     let n = write_fsync_rounds(&h, &f, 0, 100, 1);
-    let s = h
-        .wait_status(Duration::from_secs(5), |v| {
-            status_u64(v, "early_barriers_reused") >= 90
-        })
-        .unwrap_or_else(|e| panic!("one write per fsync: {e}"));
-    let (guessed, reused) = (
-        status_u64(&s, "early_barriers"),
-        status_u64(&s, "early_barriers_reused"),
+    let (guessed, reused) = wait_early(
+        &h,
+        "one write per fsync, 100 rounds",
+        "early_barriers_reused",
+        90,
     );
-    eprintln!("one write per fsync, 100 rounds: {guessed} early barriers, {reused} reused");
-    assert!(guessed >= reused && guessed <= 100, "{s}");
+    assert!(
+        guessed >= reused && guessed <= 100,
+        "{guessed} early barriers, {reused} reused"
+    );
 
     // Two writes per fsync: the first round's guess (after its first write)
     // is wrong; the rounds after it are guessed again once the new count
     // held for a few durability points.
     let n = write_fsync_rounds(&h, &f, n, 60, 2);
-    let s = h
-        .wait_status(Duration::from_secs(5), |v| {
-            status_u64(v, "early_barriers_reused") >= reused + 50
-        })
-        .unwrap_or_else(|e| panic!("two writes per fsync: {e}"));
-    eprintln!(
-        "then two writes per fsync, 60 rounds: {} early barriers, {} reused",
-        status_u64(&s, "early_barriers"),
-        status_u64(&s, "early_barriers_reused")
+    wait_early(
+        &h,
+        "then two writes per fsync, 60 rounds",
+        "early_barriers_reused",
+        reused + 50,
     );
     // Irregular writers are not guessed at all, and still covered.
     let mut n = n;
@@ -237,15 +246,11 @@ fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
         );
         n += 1;
     }
-    let s = h
-        .wait_status(Duration::from_secs(5), |v| {
-            status_u64(v, "early_barriers") >= before + 60
-        })
-        .unwrap_or_else(|e| panic!("two files: {e}"));
-    eprintln!(
-        "then two files, 40 rounds: {} early barriers in all, {} reused",
-        status_u64(&s, "early_barriers"),
-        status_u64(&s, "early_barriers_reused")
+    wait_early(
+        &h,
+        "then two files, 40 rounds",
+        "early_barriers",
+        before + 60,
     );
     drop((f, g));
     h.stop_mount(Duration::from_secs(30));

@@ -386,76 +386,69 @@ mod tests {
         );
     }
 
+    /// A task of `inline` that counts its polls, hands out the waker of
+    /// each, and wakes itself on the polls numbered in `self_wakes`.
+    fn counting_task(
+        inline: &InlineRuntime,
+        self_wakes: std::ops::Range<usize>,
+    ) -> (Arc<AtomicUsize>, std::sync::mpsc::Receiver<Waker>) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
+        let counted = polls.clone();
+        inline.spawn(Box::pin(std::future::poll_fn(move |cx| {
+            let n = counted.fetch_add(1, SeqCst) + 1;
+            let _ = tx.send(cx.waker().clone());
+            if self_wakes.contains(&n) {
+                cx.waker().wake_by_ref();
+            }
+            Poll::<()>::Pending
+        })));
+        (polls, rx)
+    }
+
+    /// Lets the runtime run its tasks for a while.
+    fn run_tasks(rt: &tokio::runtime::Runtime) {
+        rt.block_on(async {
+            for _ in 0..40 {
+                tokio::task::yield_now().await;
+            }
+        })
+    }
+
     #[test]
     fn a_drive_polls_only_woken_tasks_and_hands_late_wakes_to_tokio() {
         let rt = runtime();
         let inline = InlineRuntime::new(rt.handle().clone());
-        let polls = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
-        {
-            let polls = polls.clone();
-            inline.spawn(Box::pin(std::future::poll_fn(move |cx| {
-                polls.fetch_add(1, SeqCst);
-                let _ = tx.send(cx.waker().clone());
-                Poll::<()>::Pending
-            })));
-        }
+        let (polls, rx) = counting_task(&inline, 0..0);
         // The tokio task polls it once when it first runs.
-        let run_tasks = || {
-            rt.block_on(async {
-                for _ in 0..3 {
-                    tokio::task::yield_now().await;
-                }
-            })
-        };
-        run_tasks();
-        let first = polls.load(SeqCst);
-        assert!(first >= 1);
+        run_tasks(&rt);
+        assert_eq!(polls.load(SeqCst), 1);
         let waker = rx.try_iter().last().expect("polled with a waker");
 
         // Not woken: a drive does not poll it.
         inline.drive(|| ());
-        assert_eq!(polls.load(SeqCst), first);
+        assert_eq!(polls.load(SeqCst), 1);
 
         // Woken inside a drive: polled by the drive itself.
         inline.drive(|| waker.wake_by_ref());
-        assert_eq!(polls.load(SeqCst), first + 1);
+        assert_eq!(polls.load(SeqCst), 2);
         let waker = rx.try_iter().last().expect("polled again");
 
         // Woken outside any drive: left to tokio, which polls it.
         waker.wake_by_ref();
-        assert_eq!(polls.load(SeqCst), first + 1);
-        run_tasks();
-        assert_eq!(polls.load(SeqCst), first + 2);
+        assert_eq!(polls.load(SeqCst), 2);
+        run_tasks(&rt);
+        assert_eq!(polls.load(SeqCst), 3);
     }
 
     #[test]
     fn a_task_still_busy_after_the_drive_rounds_is_handed_to_tokio() {
         let rt = runtime();
         let inline = InlineRuntime::new(rt.handle().clone());
-        let polls = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = std::sync::mpsc::channel::<Waker>();
-        {
-            let polls = polls.clone();
-            // Like a connection driver with more to send than one poll
-            // sends: it wakes itself until its 20th poll.
-            inline.spawn(Box::pin(std::future::poll_fn(move |cx| {
-                let n = polls.fetch_add(1, SeqCst) + 1;
-                let _ = tx.send(cx.waker().clone());
-                if (2..20).contains(&n) {
-                    cx.waker().wake_by_ref();
-                }
-                Poll::<()>::Pending
-            })));
-        }
-        let run_tasks = || {
-            rt.block_on(async {
-                for _ in 0..40 {
-                    tokio::task::yield_now().await;
-                }
-            })
-        };
-        run_tasks();
+        // Like a connection driver with more to send than one poll sends:
+        // it wakes itself until its 20th poll.
+        let (polls, rx) = counting_task(&inline, 2..20);
+        run_tasks(&rt);
         assert_eq!(polls.load(SeqCst), 1);
         let waker = rx.try_iter().last().expect("polled with a waker");
         inline.drive(|| waker.wake_by_ref());
@@ -465,7 +458,7 @@ mod tests {
             "the drive's own rounds"
         );
         // The rest is tokio's: without the hand-over it would never run.
-        run_tasks();
+        run_tasks(&rt);
         assert_eq!(polls.load(SeqCst), 20);
     }
 }
