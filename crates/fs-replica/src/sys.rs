@@ -198,6 +198,19 @@ pub(crate) fn fsync(fd: BorrowedFd<'_>, datasync: bool) -> R<()> {
     Ok(())
 }
 
+/// Starts writing back the dirty pages of `len` bytes at `off` to the disk,
+/// without waiting for them and without flushing the disk's cache: a later
+/// fsync waits for them and makes them durable. Advisory: it never changes
+/// what a sync guarantees, and a write-back error is reported by the fsync
+/// that follows (this call does not consume it).
+pub(crate) fn start_writeback(fd: BorrowedFd<'_>, off: u64, len: u64) -> R<()> {
+    let off = libc::off64_t::try_from(off).map_err(|_| Errno::EFBIG)?;
+    let len = libc::off64_t::try_from(len).map_err(|_| Errno::EFBIG)?;
+    // SAFETY: plain syscall on a valid fd.
+    cvt(unsafe { libc::sync_file_range(fd.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE) })?;
+    Ok(())
+}
+
 pub(crate) fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> R<()> {
     let size = libc::off_t::try_from(size).map_err(|_| Errno::EFBIG)?;
     // SAFETY: plain syscall on a valid fd.
@@ -502,4 +515,33 @@ pub(crate) fn unshare_fs() -> R<()> {
 pub(crate) fn set_umask(mask: u32) {
     // SAFETY: plain syscall; cannot fail.
     unsafe { libc::umask((mask & 0o777) as libc::mode_t) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn start_writeback_takes_a_written_range_and_refuses_a_pipe() {
+        let dir = std::env::temp_dir().join(format!("hapair-wb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("f");
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(&[7u8; 8192]).expect("write");
+        assert_eq!(start_writeback(f.as_fd(), 4096, 4096), Ok(()));
+        assert_eq!(start_writeback(f.as_fd(), u64::MAX, 1), Err(Errno::EFBIG));
+        // The data is still there and still syncs.
+        assert_eq!(fsync(f.as_fd(), false), Ok(()));
+        assert_eq!(std::fs::read(&path).expect("read back"), vec![7u8; 8192]);
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two descriptors it is given.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both were just opened and are owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        assert_eq!(start_writeback(w.as_fd(), 0, 1), Err(Errno::ESPIPE));
+        drop((r, w));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
