@@ -17,6 +17,7 @@
 //! caller keeps application mutations paused; when its final barrier is
 //! durable the journal is cleared and the pipeline replicates.
 
+use crate::poll::AckPolling;
 use crate::state::{StateDir, Status};
 use bytes::Bytes;
 use hapair_fs_replica::Completion;
@@ -27,7 +28,7 @@ use hapair_transport::{FrameReader, FrameWriter, InlineRuntime};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
@@ -144,6 +145,13 @@ pub struct Shared {
     inner: Mutex<Inner>,
     cond: Condvar,
     wake_sender: tokio::sync::Notify,
+    /// Wakes `ack_poller` when a durability point starts waiting.
+    wake_poller: tokio::sync::Notify,
+    /// The highest sequence number a durability point waits to see durable
+    /// on the mirror, and the mirror's durable sequence number as last
+    /// acknowledged: `ack_poller` polls while the first is ahead.
+    poll_target: AtomicU64,
+    acked_durable: AtomicU64,
     started: Instant,
     state: StateDir,
     status_base: Status,
@@ -257,6 +265,9 @@ impl ReplClient {
                 }),
                 cond: Condvar::new(),
                 wake_sender: tokio::sync::Notify::new(),
+                wake_poller: tokio::sync::Notify::new(),
+                poll_target: AtomicU64::new(0),
+                acked_durable: AtomicU64::new(0),
                 started: Instant::now(),
                 state,
                 status_base,
@@ -269,6 +280,7 @@ impl ReplClient {
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
                 h.spawn(self.clone().timer());
+                h.spawn(self.clone().ack_poller());
             }
             Err(_) => error!("replication client built outside a runtime: no timer"),
         }
@@ -737,6 +749,10 @@ impl ReplClient {
                     durability: true,
                     done,
                 });
+                drop(g);
+                if self.sh.poll_target.fetch_max(seq, Ordering::SeqCst) < seq {
+                    self.sh.wake_poller.notify_one();
+                }
                 return;
             }
         }
@@ -905,6 +921,7 @@ impl ReplClient {
         let clean =
             g.core.state() == LinkState::Replicating && g.core.durable() == g.core.last_seq();
         g.closing = true;
+        self.sh.wake_poller.notify_one();
         drop(g);
         self.sh.wake_sender.notify_one();
         self.sh.cond.notify_all();
@@ -1095,6 +1112,9 @@ impl ReplClient {
                     }
                     match g.core.on_ack(applied, durable) {
                         Ok(_) => {
+                            self.sh
+                                .acked_durable
+                                .fetch_max(g.core.durable(), Ordering::SeqCst);
                             while g.unacked.front().is_some_and(|(s, _)| *s <= applied) {
                                 g.unacked.pop_front();
                             }
@@ -1172,6 +1192,39 @@ impl ReplClient {
             if closing {
                 return;
             }
+        }
+    }
+
+    /// Polls for the mirror's acknowledgement while a durability point
+    /// waits for it, as `AckPolling` says, instead of letting this
+    /// runtime's thread park: at each turn it yields the CPU to any other
+    /// thread, then to this runtime's tasks, whose receiver reads the
+    /// acknowledgement and answers the waiting requests. Ends when the
+    /// client closes.
+    async fn ack_poller(self) {
+        let mut policy = AckPolling::new();
+        loop {
+            self.sh.wake_poller.notified().await;
+            if self.lock().closing {
+                return;
+            }
+            let start = Instant::now();
+            let budget = policy.budget(start);
+            if budget.is_zero() {
+                continue;
+            }
+            let target = self.sh.poll_target.load(Ordering::SeqCst);
+            let acked = loop {
+                if self.sh.acked_durable.load(Ordering::SeqCst) >= target {
+                    break true;
+                }
+                if start.elapsed() >= budget {
+                    break false;
+                }
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            };
+            policy.ended(acked);
         }
     }
 }

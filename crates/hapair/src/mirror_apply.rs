@@ -19,7 +19,7 @@
 //! While operations come in quick succession (a durability point every few
 //! hundred microseconds), the reader waits for the next one by polling for
 //! a bounded time instead of letting its thread go idle (see
-//! `crate::mirror_poll`).
+//! `crate::poll`).
 
 use hapair_mirror::Applier;
 use hapair_proto::{FromMirror, Op, PooledBuf, Seq, ToMirror};
@@ -33,7 +33,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tracing::error;
 
-use crate::mirror_poll::Polling;
+use crate::poll::Polling;
 
 /// Operations queued between the reader and the applier thread
 /// (backpressure on the QUIC stream beyond this).

@@ -1,6 +1,7 @@
-//! When the mirror's reader polls for the next operation instead of
-//! parking its thread (see `Polling`): the policy, and the one thing it
-//! reads from the machine, the CPU time the host steals (`Steal`).
+//! When a thread polls instead of parking: the mirror's reader, for the
+//! next operation (`Polling`), and the mount's network thread, for the
+//! acknowledgement of a durability point (`AckPolling`); and the one thing
+//! both read from the machine, the CPU time the host steals (`Steal`).
 
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,67 @@ impl Polling {
     /// point, or not.
     pub(crate) fn done(&mut self, committed: bool) {
         self.after_commit = committed;
+    }
+}
+
+/// How long the mount's network thread polls for one acknowledgement.
+const ACK_POLL_FOR: Duration = Duration::from_micros(500);
+/// Polls in a row that outlast `ACK_POLL_FOR` before a pause.
+const ACK_POLL_MISSES: u32 = 2;
+/// Durability points without polling after `ACK_POLL_MISSES`.
+const ACK_POLL_PAUSE: u32 = 64;
+
+/// When the mount's network thread polls for the mirror's acknowledgement
+/// of a durability point instead of parking (see
+/// `ReplClient::ack_poller`): the acknowledgement is then read as soon as
+/// it arrives, without the wake-up of an idle CPU on the path of every
+/// fsync. A poll starts when a durability point begins to wait (after the
+/// local sync) and lasts up to `ACK_POLL_FOR`. After `ACK_POLL_MISSES`
+/// polls in a row that ended without the acknowledgement (a slow disk or
+/// link on the mirror's side), the next `ACK_POLL_PAUSE` durability points
+/// are not polled for; and none is while the host steals CPU time from this
+/// machine (`Steal`).
+pub(crate) struct AckPolling {
+    misses: u32,
+    paused: u32,
+    steal: Steal,
+}
+
+impl AckPolling {
+    pub(crate) fn new() -> AckPolling {
+        AckPolling {
+            misses: 0,
+            paused: 0,
+            steal: Steal::new(),
+        }
+    }
+
+    /// How long to poll for the acknowledgement of the durability point
+    /// that starts waiting now (zero: park).
+    pub(crate) fn budget(&mut self, now: Instant) -> Duration {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return Duration::ZERO;
+        }
+        if self.steal.calm(now) {
+            ACK_POLL_FOR
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A poll that `budget` allowed ended, with the acknowledgement or
+    /// without it.
+    pub(crate) fn ended(&mut self, acked: bool) {
+        if acked {
+            self.misses = 0;
+            return;
+        }
+        self.misses += 1;
+        if self.misses >= ACK_POLL_MISSES {
+            self.misses = 0;
+            self.paused = ACK_POLL_PAUSE;
+        }
     }
 }
 
@@ -280,6 +342,31 @@ mod tests {
         p.done(true);
         assert_eq!(p.budget(now), POLL_FOR);
         // A busy host: no polling even right after a durability point.
+        p.steal.calm = false;
+        assert_eq!(p.budget(now), Duration::ZERO);
+    }
+
+    #[test]
+    fn ack_polls_pause_after_misses_and_not_on_a_busy_host() {
+        let now = Instant::now();
+        let mut p = AckPolling::new();
+        p.steal = calm_steal();
+        p.steal.checked = Some(now);
+        assert_eq!(p.budget(now), ACK_POLL_FOR);
+        // Acknowledged within the poll: poll again, whatever came before.
+        p.ended(false);
+        p.ended(true);
+        assert_eq!(p.budget(now), ACK_POLL_FOR);
+        p.ended(false);
+        assert_eq!(p.budget(now), ACK_POLL_FOR, "one miss is not a pause");
+        // The second miss in a row: a pause of ACK_POLL_PAUSE durability
+        // points, then polling again.
+        p.ended(false);
+        for _ in 0..ACK_POLL_PAUSE {
+            assert_eq!(p.budget(now), Duration::ZERO);
+        }
+        assert_eq!(p.budget(now), ACK_POLL_FOR);
+        // A busy host: no polling.
         p.steal.calm = false;
         assert_eq!(p.budget(now), Duration::ZERO);
     }
