@@ -256,3 +256,62 @@ fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
     h.stop_mount(Duration::from_secs(30));
     h.assert_trees_equal(None, &Default::default());
 }
+
+/// CPU time the host stole from this machine so far, in clock ticks (the
+/// `steal` column of /proc/stat's `cpu` line).
+fn stolen_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .expect("cpu line");
+    cpu.split_ascii_whitespace()
+        .nth(8)
+        .and_then(|v| v.parse().ok())
+        .expect("steal column")
+}
+
+/// While an fsync waits for the mirror, the mount's network thread polls
+/// for the acknowledgement (status.json counts the polls and those the
+/// acknowledgement ended): at most once per durability point that waits,
+/// and, on a host that stole no CPU time meanwhile, at least once (its
+/// reading of /proc/stat needs two samples 250 ms apart, hence the pause).
+/// Every fsync still finds its block on the mirror.
+#[test]
+fn fsyncs_poll_for_the_acknowledgement_at_most_once_each() {
+    let _s = env::serial();
+    let mut h = Harness::new("ack-polls");
+    h.start_mirror();
+    h.mount(&MountOpts::mode("sync"));
+    let f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(h.dir.join("log"))
+        .unwrap();
+    let stolen = stolen_ticks();
+    let n = write_fsync_rounds(&h, &f, 0, 10, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    write_fsync_rounds(&h, &f, n, 100, 1);
+    let stolen = stolen_ticks() - stolen;
+    let s = h
+        .wait_status(Duration::from_secs(5), |v| {
+            status_u64(v, "last_seq") >= 110 && v["durable_seq"] == v["last_seq"]
+        })
+        .expect("status.json");
+    let (polls, answered) = (
+        status_u64(&s, "ack_polls"),
+        status_u64(&s, "ack_polls_answered"),
+    );
+    eprintln!(
+        "110 fsyncs: {polls} polls for the acknowledgement, {answered} answered; \
+         {stolen} ticks stolen meanwhile"
+    );
+    assert!(
+        answered <= polls && polls <= 110,
+        "{polls} polls, {answered} answered, for 110 durability points"
+    );
+    if stolen == 0 {
+        assert!(polls > 0, "a calm host, and no poll: {s}");
+    }
+}

@@ -152,6 +152,9 @@ pub struct Shared {
     /// acknowledged: `ack_poller` polls while the first is ahead.
     poll_target: AtomicU64,
     acked_durable: AtomicU64,
+    /// Polls `ack_poller` made, and those the acknowledgement ended.
+    ack_polls: AtomicU64,
+    ack_polls_answered: AtomicU64,
     started: Instant,
     state: StateDir,
     status_base: Status,
@@ -179,6 +182,8 @@ pub struct ClientStats {
     pub journal_records: u64,
     pub early_barriers: u64,
     pub early_barriers_reused: u64,
+    pub ack_polls: u64,
+    pub ack_polls_answered: u64,
 }
 
 impl ReplClient {
@@ -268,6 +273,8 @@ impl ReplClient {
                 wake_poller: tokio::sync::Notify::new(),
                 poll_target: AtomicU64::new(0),
                 acked_durable: AtomicU64::new(0),
+                ack_polls: AtomicU64::new(0),
+                ack_polls_answered: AtomicU64::new(0),
                 started: Instant::now(),
                 state,
                 status_base,
@@ -364,6 +371,8 @@ impl ReplClient {
             journal_records: g.journal_records,
             early_barriers: g.early_recorded,
             early_barriers_reused: g.early_reused,
+            ack_polls: self.sh.ack_polls.load(Ordering::Relaxed),
+            ack_polls_answered: self.sh.ack_polls_answered.load(Ordering::Relaxed),
         }
     }
 
@@ -954,6 +963,8 @@ impl ReplClient {
         s.serving = self.sh.serving.load(Ordering::SeqCst);
         s.early_barriers = st.early_barriers;
         s.early_barriers_reused = st.early_barriers_reused;
+        s.ack_polls = st.ack_polls;
+        s.ack_polls_answered = st.ack_polls_answered;
         if let Err(e) = self.sh.state.write_status(&s) {
             warn!("cannot write status: {e:#}");
         }
@@ -1225,6 +1236,10 @@ impl ReplClient {
                 tokio::task::yield_now().await;
             };
             policy.ended(acked);
+            self.sh.ack_polls.fetch_add(1, Ordering::Relaxed);
+            if acked {
+                self.sh.ack_polls_answered.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

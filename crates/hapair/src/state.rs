@@ -41,6 +41,10 @@ pub struct Status {
     /// durability points that found one still covering everything.
     pub early_barriers: u64,
     pub early_barriers_reused: u64,
+    /// Polls for the mirror's acknowledgement of a durability point (see
+    /// `crate::poll::AckPolling`), and those that ended with it.
+    pub ack_polls: u64,
+    pub ack_polls_answered: u64,
 }
 
 #[derive(Clone, Debug)]
