@@ -149,6 +149,21 @@ fn write_fsync_rounds(h: &Harness, f: &std::fs::File, first: u64, rounds: u64, w
     n
 }
 
+/// A sync mount replicating to a mirror, and a new file `log` in it, open
+/// for reading and writing.
+fn sync_mount_with_log(name: &str) -> (Harness, std::fs::File) {
+    let mut h = Harness::new(name);
+    h.start_mirror();
+    h.mount(&MountOpts::mode("sync"));
+    let f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(h.dir.join("log"))
+        .unwrap();
+    (h, f)
+}
+
 fn status_u64(v: &serde_json::Value, field: &str) -> u64 {
     v[field]
         .as_u64()
@@ -180,15 +195,7 @@ fn wait_early(h: &Harness, what: &str, field: &str, at_least: u64) -> (u64, u64)
 #[test]
 fn early_barriers_are_reused_only_when_they_cover_the_fsync() {
     let _s = env::serial();
-    let mut h = Harness::new("early-barriers");
-    h.start_mirror();
-    h.mount(&MountOpts::mode("sync"));
-    let f = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(h.dir.join("log"))
-        .unwrap();
+    let (mut h, f) = sync_mount_with_log("early-barriers");
     let n = write_fsync_rounds(&h, &f, 0, 100, 1);
     let (guessed, reused) = wait_early(
         &h,
@@ -280,15 +287,7 @@ fn stolen_ticks() -> u64 {
 #[test]
 fn fsyncs_poll_for_the_acknowledgement_at_most_once_each() {
     let _s = env::serial();
-    let mut h = Harness::new("ack-polls");
-    h.start_mirror();
-    h.mount(&MountOpts::mode("sync"));
-    let f = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(h.dir.join("log"))
-        .unwrap();
+    let (h, f) = sync_mount_with_log("ack-polls");
     let stolen = stolen_ticks();
     let n = write_fsync_rounds(&h, &f, 0, 10, 1);
     std::thread::sleep(Duration::from_millis(300));

@@ -246,6 +246,13 @@ mod tests {
         s
     }
 
+    /// A calm `Steal` that just read /proc/stat at `now`.
+    fn calm_steal_at(now: Instant) -> Steal {
+        let mut s = calm_steal();
+        s.checked = Some(now);
+        s
+    }
+
     #[test]
     fn cpu_times_reads_the_cpu_line() {
         let stat = "cpu  1781335 102 593197 6365755 227959 0 54130 324213 0 0\n\
@@ -319,8 +326,7 @@ mod tests {
     fn polls_only_after_a_durability_point_and_stops_after_misses() {
         let now = Instant::now();
         let mut p = Polling::new();
-        p.steal = calm_steal();
-        p.steal.checked = Some(now);
+        p.steal = calm_steal_at(now);
         assert_eq!(p.budget(now), Duration::ZERO, "nothing committed yet");
         p.done(false);
         assert_eq!(p.budget(now), Duration::ZERO, "no durability point");
@@ -350,8 +356,7 @@ mod tests {
     fn ack_polls_pause_after_misses_and_not_on_a_busy_host() {
         let now = Instant::now();
         let mut p = AckPolling::new();
-        p.steal = calm_steal();
-        p.steal.checked = Some(now);
+        p.steal = calm_steal_at(now);
         assert_eq!(p.budget(now), ACK_POLL_FOR);
         // Acknowledged within the poll: poll again, whatever came before.
         p.ended(false);
