@@ -17,7 +17,7 @@
 //! caller keeps application mutations paused; when its final barrier is
 //! durable the journal is cleared and the pipeline replicates.
 
-use crate::poll::AckPolling;
+use crate::poll::{poll_turn, AckPolling};
 use crate::state::{StateDir, Status};
 use bytes::Bytes;
 use hapair_fs_replica::Completion;
@@ -1232,8 +1232,7 @@ impl ReplClient {
                 if start.elapsed() >= budget {
                     break false;
                 }
-                std::thread::yield_now();
-                tokio::task::yield_now().await;
+                poll_turn().await;
             };
             policy.ended(acked);
             self.sh.ack_polls.fetch_add(1, Ordering::Relaxed);

@@ -33,7 +33,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tracing::error;
 
-use crate::poll::Polling;
+use crate::poll::{poll_turn, Polling};
 
 /// Operations queued between the reader and the applier thread
 /// (backpressure on the QUIC stream beyond this).
@@ -221,11 +221,7 @@ async fn next_body(
             if start.elapsed() >= budget {
                 break;
             }
-            // The CPU goes first to any thread that is ready to run on it
-            // (on the mirror's machine: anything else it runs), then to this
-            // runtime's other tasks.
-            std::thread::yield_now();
-            tokio::task::yield_now().await;
+            poll_turn().await;
         }
     }
     let r = reader.next_body().await;

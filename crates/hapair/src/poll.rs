@@ -72,6 +72,15 @@ impl Polling {
     }
 }
 
+/// One turn of a polling loop on a runtime thread: the CPU goes first to
+/// any other thread ready to run on it (on one machine: the other side's,
+/// or the application), then to this runtime's other tasks, among them the
+/// drivers that move received packets into the streams.
+pub(crate) async fn poll_turn() {
+    std::thread::yield_now();
+    tokio::task::yield_now().await;
+}
+
 /// How long the mount's network thread polls for one acknowledgement.
 const ACK_POLL_FOR: Duration = Duration::from_micros(500);
 /// Polls in a row that outlast `ACK_POLL_FOR` before a pause.
