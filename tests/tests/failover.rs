@@ -518,23 +518,23 @@ fn hosts_without_the_cluster_keys_change_nothing() {
         "the intruder daemon should still be trying"
     );
     intruder.kill9();
-    for i in 0..2 {
+    for (i, before) in before.iter().enumerate() {
         let now = c.status(i).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             now["state"],
-            before[i]["state"],
+            before["state"],
             "{}'s state changed",
             cluster::node_name(i)
         );
         assert_eq!(
             now["data_gen"],
-            before[i]["data_gen"],
+            before["data_gen"],
             "{}'s generation changed",
             cluster::node_name(i)
         );
         assert_eq!(
             now["transitions"].as_array().map(|t| t.len()),
-            before[i]["transitions"].as_array().map(|t| t.len()),
+            before["transitions"].as_array().map(|t| t.len()),
             "{} had a transition",
             cluster::node_name(i)
         );

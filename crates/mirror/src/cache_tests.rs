@@ -176,7 +176,7 @@ fn random_operations_match_a_model() {
                 c[off..off + data.len()].copy_from_slice(&data);
                 a.apply(&write(&name, off as u64), &data).unwrap();
             }
-            0 | 1 | 2 => {
+            0..=2 => {
                 // Create (truncates an existing file, as O_TRUNC does).
                 let ino = *name_ino.entry(name.clone()).or_insert_with(|| {
                     next_ino += 1;

@@ -69,10 +69,9 @@ impl FdCache {
     fn entry(&mut self, p: &RelPath) -> Option<&mut CachedFile> {
         self.tick += 1;
         let tick = self.tick;
-        self.files.get_mut(p).map(|f| {
-            f.used = tick;
-            f
-        })
+        let f = self.files.get_mut(p)?;
+        f.used = tick;
+        Some(f)
     }
 
     fn insert(&mut self, p: RelPath, fd: OwnedFd) -> RawFd {

@@ -394,8 +394,11 @@ pub fn lremovexattr(dir: RawFd, name: &[u8], key: &[u8]) -> Result<(), SysError>
     Ok(())
 }
 
+/// Extended attributes as (name, value) pairs.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// All extended attributes of an entry, sorted by name.
-pub fn list_xattrs(dir: RawFd, name: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SysError> {
+pub fn list_xattrs(dir: RawFd, name: &[u8]) -> Result<Xattrs, SysError> {
     let p = proc_child(dir, name)?;
     let mut buf = vec![0u8; 64 * 1024];
     // SAFETY: valid C string and buffer.

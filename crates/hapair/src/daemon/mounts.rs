@@ -302,7 +302,7 @@ fn mount_all(
             Ok(d) => done.push(d),
             Err(e) => {
                 // All or nothing: the application needs every directory.
-                let _ = unmount_all(
+                unmount_all(
                     done.into_iter().map(|d| Arc::new(Mutex::new(d))).collect(),
                     false,
                 );
