@@ -244,8 +244,18 @@ async fn handle(
         )
         .await?;
 
-    let applier = Applier::open(&dir)
-        .with_context(|| format!("opening mirror directory {}", dir.display()))?;
+    // Opening may replay the write-ahead log, or make it (64 MiB written
+    // once): off the runtime's threads.
+    let applier = {
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let log = hapair_mirror::log_path_for(&d)?;
+            Applier::open_with_log(&d, &log)
+        })
+        .await
+        .context("opening the mirror directory")?
+        .with_context(|| format!("opening mirror directory {}", dir.display()))?
+    };
     let scan_fd = open_dir(&dir)?;
     let (ack_tx, ack_rx) = watch::channel((next_seq - 1, next_seq - 1));
     let (out_tx, out_rx) = mpsc::channel::<FromMirror>(16);

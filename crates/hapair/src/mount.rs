@@ -1,7 +1,8 @@
 //! `hapair mount`: the replicated mount of one directory, and the link to
 //! its mirror that the supervisor's mounts use too.
 //!
-//! Start-up order: open the backing directory (before mounting over it),
+//! Start-up order: replay the directory's mirror log if it has one (it was
+//! a mirror before), open the backing directory (before mounting over it),
 //! connect and handshake with the mirror, bring the mirror to the same tree
 //! (synchronisation), and only then mount FUSE and serve. If the mirror
 //! cannot be reached, the mount serves alone (degraded), journals that a full
@@ -226,6 +227,17 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         );
     }
     let backing_path = a.backing.clone().unwrap_or_else(|| a.dir.clone());
+    // A directory that was a mirror may hold acknowledged writes in its
+    // write-ahead log only: they go into its files before anything reads
+    // them.
+    let replayed = hapair_mirror::recover(&backing_path)
+        .with_context(|| format!("replaying the mirror log of {}", backing_path.display()))?;
+    if replayed > 0 {
+        info!(
+            records = replayed,
+            "replayed the mirror log of the directory"
+        );
+    }
     let backing = crate::mirror_server::open_dir(&backing_path)?;
     let state = StateDir::open(&a.state_dir)?;
     // One network thread: the QUIC driver, the sender and the receiver

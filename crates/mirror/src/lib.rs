@@ -15,6 +15,7 @@
 
 mod syncpool;
 mod sys;
+mod wal;
 
 use hapair_proto::buf::{self, BufPool};
 use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, MAX_MANIFEST_ENTRIES};
@@ -22,6 +23,7 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 pub use sys::SysError;
+pub use wal::{log_path_for, LOG_SIZE, MIN_LOG_SIZE};
 
 /// Beyond this many dirty files or directories, a barrier uses syncfs(2)
 /// instead of one fsync per entry (bounded memory, bounded work).
@@ -124,6 +126,19 @@ impl ApplyError {
     }
 }
 
+/// Opens a directory (must exist and be one).
+fn mirror_root(root: &Path) -> anyhow::Result<OwnedFd> {
+    let f = std::fs::File::open(root)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", root.display()))?;
+    let m = f
+        .metadata()
+        .map_err(|e| anyhow::anyhow!("stat {}: {e}", root.display()))?;
+    if !m.is_dir() {
+        anyhow::bail!("{} is not a directory", root.display());
+    }
+    Ok(f.into())
+}
+
 /// Applies operations into one mirror directory.
 pub struct Applier {
     root: OwnedFd,
@@ -141,21 +156,21 @@ pub struct Applier {
     direct_ok: bool,
     /// Barriers over several files sync them in parallel.
     syncs: syncpool::SyncPool,
+    /// The write-ahead log, if this applier keeps one (see `wal`).
+    wal: Option<wal::Wal>,
+    /// Files with records in the log's current epoch: a checkpoint syncs
+    /// them.
+    logged: BTreeSet<RelPath>,
+    /// Nothing but small page-cache writes since the last barrier: the next
+    /// barrier may commit them to the log.
+    group_loggable: bool,
 }
 
 impl Applier {
     /// Opens the mirror root (must exist and be a directory).
     pub fn open(root: &Path) -> anyhow::Result<Applier> {
-        let f = std::fs::File::open(root)
-            .map_err(|e| anyhow::anyhow!("opening {}: {e}", root.display()))?;
-        let m = f
-            .metadata()
-            .map_err(|e| anyhow::anyhow!("stat {}: {e}", root.display()))?;
-        if !m.is_dir() {
-            anyhow::bail!("{} is not a directory", root.display());
-        }
         Ok(Applier {
-            root: f.into(),
+            root: mirror_root(root)?,
             dirty_files: BTreeSet::new(),
             dirty_dirs: BTreeSet::new(),
             overflow: false,
@@ -163,7 +178,131 @@ impl Applier {
             bounce: BufPool::default(),
             direct_ok: true,
             syncs: syncpool::SyncPool::default(),
+            wal: None,
+            logged: BTreeSet::new(),
+            group_loggable: true,
         })
+    }
+
+    /// Opens the mirror root with a write-ahead log at `log` (made if
+    /// missing): what a previous applier logged and may not have written to
+    /// the files is replayed first, and made durable in them.
+    pub fn open_with_log(root: &Path, log: &Path) -> anyhow::Result<Applier> {
+        Applier::open_with_log_sized(root, log, LOG_SIZE)
+    }
+
+    /// As `open_with_log`, making a missing log `size` bytes long (a
+    /// multiple of 4096, at least `MIN_LOG_SIZE`).
+    pub fn open_with_log_sized(root: &Path, log: &Path, size: u64) -> anyhow::Result<Applier> {
+        let mut a = Applier::open(root)?;
+        a.attach_log(log, Some(size))?;
+        Ok(a)
+    }
+
+    /// Opens the log at `log` (None if it does not exist and was not to be
+    /// made), replays it and keeps it. Returns how many records it
+    /// replayed.
+    fn attach_log(&mut self, log: &Path, create: Option<u64>) -> anyhow::Result<Option<u64>> {
+        let Some(mut wal) = wal::Wal::open(log, self.root(), create)? else {
+            return Ok(None);
+        };
+        let mut replayed = BTreeSet::new();
+        let mut gone = 0u64;
+        let n = wal.replay(&mut |r| {
+            if self.replay_record(&r)? {
+                if replayed.len() < MAX_DIRTY_ENTRIES {
+                    replayed.insert(r.path);
+                } else {
+                    self.overflow = true;
+                }
+            } else {
+                gone += 1;
+            }
+            Ok(())
+        })?;
+        if gone > 0 {
+            tracing::warn!(
+                log = %log.display(),
+                records = gone,
+                "records of the mirror log name files that no longer exist; skipped"
+            );
+        }
+        if n > 0 {
+            let list: Vec<RelPath> = replayed.into_iter().collect();
+            let whole_fs = self.sync_list(&list)? || std::mem::take(&mut self.overflow);
+            if whole_fs {
+                sys::syncfs(self.root())?;
+            }
+            wal.new_epoch()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
+            tracing::info!(log = %log.display(), records = n, "replayed the mirror log");
+        }
+        self.wal = Some(wal);
+        Ok(Some(n))
+    }
+
+    /// Writes one logged record into its file again. False if the file is
+    /// no longer there.
+    fn replay_record(&mut self, r: &wal::Record<'_>) -> Result<bool, SysError> {
+        let fd = match self.file_fd(&r.path) {
+            Ok(fd) => fd,
+            Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e),
+        };
+        sys::pwrite_all(fd, r.data, r.offset)?;
+        if let TimeSet::At(t) = r.mtime {
+            sys::futimes(fd, TimeSet::Omit, TimeSet::At(t))?;
+        }
+        Ok(true)
+    }
+
+    /// Decides whether `op` goes into the log's group. Anything but a small
+    /// page-cache write that fits first ends the log's epoch (checkpoint):
+    /// replaying a logged write after, say, a truncate or a rename that
+    /// reached the disk would build a file the primary never had.
+    fn prepare_for(&mut self, op: &Op, payload: &[u8]) -> Result<bool, SysError> {
+        let Some(wal) = &self.wal else {
+            return Ok(false);
+        };
+        match op {
+            Op::Barrier => return Ok(false),
+            Op::Write { path, offset, .. } => {
+                let page_cache = !(self.direct_ok && buf::direct_eligible(payload.len(), *offset));
+                if self.group_loggable
+                    && page_cache
+                    && self.logged.len() < MAX_DIRTY_ENTRIES
+                    && wal.fits(path, payload.len())
+                {
+                    return Ok(true);
+                }
+            }
+            _ => {}
+        }
+        self.checkpoint()?;
+        self.group_loggable = false;
+        if let Some(w) = &mut self.wal {
+            w.discard_group();
+        }
+        Ok(false)
+    }
+
+    /// Makes the files the log's epoch covers durable, then starts a new
+    /// epoch.
+    fn checkpoint(&mut self) -> Result<(), SysError> {
+        if !self.wal.as_ref().is_some_and(|w| w.holds_records()) {
+            return Ok(());
+        }
+        let list: Vec<RelPath> = self.logged.iter().cloned().collect();
+        if self.sync_list(&list)? {
+            sys::syncfs(self.root())?;
+        }
+        if let Some(w) = &mut self.wal {
+            w.new_epoch()?;
+        }
+        self.logged.clear();
+        Ok(())
     }
 
     fn mark_file(&mut self, p: &RelPath) {
@@ -268,6 +407,7 @@ impl Applier {
 
     fn apply_inner(&mut self, op: &Op, payload: &[u8]) -> Result<(), SysError> {
         let root = self.root();
+        let log_it = self.prepare_for(op, payload)?;
         match op {
             Op::Write {
                 path,
@@ -279,6 +419,11 @@ impl Applier {
                     sys::futimes(f, TimeSet::Omit, TimeSet::At(*t))?;
                 }
                 self.mark_file(path);
+                if log_it {
+                    if let Some(w) = &mut self.wal {
+                        w.push(path, *offset, *mtime, payload);
+                    }
+                }
             }
             Op::Create {
                 path,
@@ -497,66 +642,105 @@ impl Applier {
     }
 
     fn barrier(&mut self) -> Result<(), SysError> {
-        let root = self.root();
+        let loggable = std::mem::replace(&mut self.group_loggable, true);
+        if let Some(w) = &mut self.wal {
+            // Only logged writes since the last barrier: the dirty files
+            // are exactly those of the group's records.
+            if loggable && w.has_group() && self.dirty_dirs.is_empty() && !self.overflow {
+                w.commit()?;
+                let files = std::mem::take(&mut self.dirty_files);
+                self.logged.extend(files);
+                return Ok(());
+            }
+            w.discard_group();
+        }
         let mut need_syncfs = self.overflow;
         if !need_syncfs {
-            let files = std::mem::take(&mut self.dirty_files);
-            let dirs = std::mem::take(&mut self.dirty_dirs);
-            // Files first, then the directories that name them; a few at a
-            // time, in parallel (see `syncpool`), and never more open at
-            // once than a chunk.
-            for list in [&files, &dirs] {
-                for chunk in list.iter().collect::<Vec<_>>().chunks(SYNC_CHUNK) {
-                    let mut opened = Vec::new();
-                    let mut fds = Vec::with_capacity(chunk.len());
-                    for p in chunk {
-                        // A file still open in the cache was opened as a
-                        // regular file (see `file_fd`).
-                        if let Some(fd) = self.files.get(p) {
-                            fds.push(fd);
-                            continue;
-                        }
-                        // Any other name is opened with O_PATH first: a FIFO
-                        // or device node (an xattr changed on it) is never
-                        // opened for real. A name removed or renamed since it
-                        // was changed is no longer reachable; its changes
-                        // went with it.
-                        let f = match sys::open_below(root, p, libc::O_PATH | libc::O_NOFOLLOW) {
-                            Ok(f) => f,
-                            Err(e)
-                                if matches!(
-                                    e.errno,
-                                    libc::ENOENT | libc::ENOTDIR | libc::ELOOP
-                                ) =>
-                            {
-                                continue
-                            }
-                            Err(e) => return Err(e),
-                        };
-                        match sys::fstat(f.as_raw_fd())?.st_mode & libc::S_IFMT {
-                            libc::S_IFREG | libc::S_IFDIR => {
-                                let rf = sys::reopen(f.as_raw_fd(), libc::O_RDONLY)?;
-                                fds.push(rf.as_raw_fd());
-                                opened.push(rf);
-                            }
-                            // Symlinks and special files cannot be fsynced by
-                            // fd: their inode changes are made durable with
-                            // the filesystem.
-                            _ => need_syncfs = true,
-                        }
-                    }
-                    self.syncs.fsync_all(&fds)?;
-                }
-            }
+            let files: Vec<RelPath> = std::mem::take(&mut self.dirty_files).into_iter().collect();
+            let dirs: Vec<RelPath> = std::mem::take(&mut self.dirty_dirs).into_iter().collect();
+            // Files first, then the directories that name them.
+            need_syncfs = self.sync_list(&files)? || self.sync_list(&dirs)?;
         }
         if need_syncfs {
-            sys::syncfs(root)?;
+            sys::syncfs(self.root())?;
         }
         self.dirty_files.clear();
         self.dirty_dirs.clear();
         self.overflow = false;
         Ok(())
     }
+
+    /// fsyncs the files or directories named in `list`: a few at a time, in
+    /// parallel (see `syncpool`), and never more open at once than a chunk.
+    /// Returns true if some of them can only be made durable with the whole
+    /// filesystem (symlinks, special files).
+    fn sync_list(&mut self, list: &[RelPath]) -> Result<bool, SysError> {
+        let root = self.root();
+        let mut need_syncfs = false;
+        for chunk in list.chunks(SYNC_CHUNK) {
+            let mut opened = Vec::new();
+            let mut fds = Vec::with_capacity(chunk.len());
+            for p in chunk {
+                // A file still open in the cache was opened as a regular
+                // file (see `file_fd`).
+                if let Some(fd) = self.files.get(p) {
+                    fds.push(fd);
+                    continue;
+                }
+                // Any other name is opened with O_PATH first: a FIFO or
+                // device node (an xattr changed on it) is never opened for
+                // real. A name removed or renamed since it was changed is no
+                // longer reachable; its changes went with it.
+                let f = match sys::open_below(root, p, libc::O_PATH | libc::O_NOFOLLOW) {
+                    Ok(f) => f,
+                    Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
+                match sys::fstat(f.as_raw_fd())?.st_mode & libc::S_IFMT {
+                    libc::S_IFREG | libc::S_IFDIR => {
+                        let rf = sys::reopen(f.as_raw_fd(), libc::O_RDONLY)?;
+                        fds.push(rf.as_raw_fd());
+                        opened.push(rf);
+                    }
+                    // Symlinks and special files cannot be fsynced by fd:
+                    // their inode changes are made durable with the
+                    // filesystem.
+                    _ => need_syncfs = true,
+                }
+            }
+            self.syncs.fsync_all(&fds)?;
+        }
+        Ok(need_syncfs)
+    }
+}
+
+/// The writes that the write-ahead log of the mirror directory `dir` holds
+/// for replay (its current epoch), as path, offset and length, without
+/// applying them: for diagnostics and tests.
+pub fn logged_writes(dir: &Path) -> anyhow::Result<Vec<(RelPath, u64, usize)>> {
+    let log = wal::log_path_for(dir)?;
+    let root = mirror_root(dir)?;
+    let Some(mut w) = wal::Wal::open(&log, root.as_raw_fd(), None)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    w.replay(&mut |r| {
+        out.push((r.path, r.offset, r.data.len()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Replays the write-ahead log of the mirror directory `dir`, if it has
+/// one, into its files and makes them durable: to be called before
+/// anything else uses a directory that may have been a mirror (a mount
+/// after promotion). Returns how many records were replayed.
+pub fn recover(dir: &Path) -> anyhow::Result<u64> {
+    let log = wal::log_path_for(dir)?;
+    let mut a = Applier::open(dir)?;
+    Ok(a.attach_log(&log, None)?.unwrap_or(0))
 }
 
 fn kind_of(mode: u32) -> Option<EntryKind> {
@@ -698,3 +882,5 @@ pub fn scan_tree_vec(
 mod cache_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wal_tests;

@@ -354,6 +354,12 @@ pub fn fsync(fd: RawFd) -> Result<(), SysError> {
     Ok(())
 }
 
+pub fn fdatasync(fd: RawFd) -> Result<(), SysError> {
+    // SAFETY: valid fd.
+    check(unsafe { libc::fdatasync(fd) }, "fdatasync")?;
+    Ok(())
+}
+
 pub fn syncfs(fd: RawFd) -> Result<(), SysError> {
     // SAFETY: valid fd.
     check(unsafe { libc::syncfs(fd) }, "syncfs")?;

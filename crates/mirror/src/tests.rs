@@ -352,6 +352,9 @@ fn snapshot(root: &Path, skip: &str) -> BTreeMap<PathBuf, String> {
 /// tree that no operation may touch.
 struct World {
     tmp: tempfile::TempDir,
+    /// The applier's write-ahead log lives here (outside `tmp`, whose
+    /// snapshot must not change).
+    _logdir: tempfile::TempDir,
     mirror: PathBuf,
     outside: PathBuf,
     applier: Option<Applier>,
@@ -375,10 +378,16 @@ impl World {
             std::fs::Permissions::from_mode(0o640),
         )
         .unwrap_or_else(|e| panic!("chmod: {e}"));
-        let applier = Applier::open(&mirror).unwrap_or_else(|e| panic!("Applier::open: {e:#}"));
+        // Every case runs with the write-ahead log on, as the mirror
+        // server's sessions do (the cache tests cover the applier without).
+        let logdir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let applier =
+            Applier::open_with_log_sized(&mirror, &logdir.path().join("log"), crate::MIN_LOG_SIZE)
+                .unwrap_or_else(|e| panic!("Applier::open_with_log: {e:#}"));
         let before = snapshot(tmp.path(), "mirror");
         World {
             tmp,
+            _logdir: logdir,
             mirror,
             outside,
             applier: Some(applier),

@@ -318,6 +318,13 @@ fn mount_one(s: &DirSpec, st: &MountSettings, allowed: bool) -> anyhow::Result<A
         warn!(dir = %s.local.display(), "removed a stale mount left by a crashed process");
     }
     std::fs::create_dir_all(&s.local).with_context(|| format!("creating {}", s.local.display()))?;
+    // This node's copy was a mirror until now: what its write-ahead log
+    // holds goes into the files before anything reads them.
+    let replayed = hapair_mirror::recover(&s.local)
+        .with_context(|| format!("replaying the mirror log of {}", s.local.display()))?;
+    if replayed > 0 {
+        info!(dir = %s.local.display(), records = replayed, "replayed the mirror log");
+    }
     let backing = crate::mirror_server::open_dir(&s.local)?;
     let state = StateDir::open(&s.state)?;
     let clean = state.take_clean_marker()?;
@@ -587,6 +594,9 @@ fn prepare_mirror_dir(dir: &Path, keep_aside: bool) -> anyhow::Result<()> {
     if !keep_aside {
         return Ok(());
     }
+    // What the old copy's log holds belongs to the data kept aside.
+    hapair_mirror::recover(dir)
+        .with_context(|| format!("replaying the mirror log of {}", dir.display()))?;
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -1,0 +1,487 @@
+//! The mirror's write-ahead log: a group commit made only of small writes
+//! becomes durable with one append to this log and one fdatasync, instead
+//! of one fsync per file written. The files' own pages are written back
+//! later: at a checkpoint, which fsyncs them and then starts a new epoch of
+//! the log. Records of any other epoch than the current one are never
+//! replayed.
+//!
+//! Layout of the file, which is written in full when it is created (so an
+//! append changes no metadata and fdatasync is one data write and one cache
+//! flush):
+//!
+//! - bytes 0..4096: two header slots, at 0 and at 512. Epoch `e` is written
+//!   into slot `e % 2`; the valid slot with the higher epoch is current, so
+//!   a torn header write leaves the previous one in place.
+//! - from 4096: records, one after the other, each
+//!   `[magic u32][crc32 u32][epoch u64][file offset u64][data len u32]`
+//!   `[path len u16][mtime set u8][0 u8][mtime sec i64][mtime nsec u32][0 u32]`
+//!   then the path's bytes and the data. The crc covers everything after
+//!   itself. Replay stops at the first record that is incomplete, damaged or
+//!   of another epoch.
+//!
+//! A header names the directory it belongs to (filesystem id and inode of
+//! the root): a log found beside a directory that was removed and made
+//! again is not replayed into it.
+
+use crate::sys::{self, SysError};
+use anyhow::Context;
+use hapair_proto::{RelPath, TimeSet, Timestamp};
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The size of a new log, written in full at creation. An existing log
+/// keeps the size it was made with.
+pub const LOG_SIZE: u64 = 64 << 20;
+/// The smallest log: the headers and one largest group.
+/// Where records start.
+pub(crate) const BODY: u64 = 4096;
+const SLOT: u64 = 512;
+const HEADER_MAGIC: &[u8; 8] = b"HAPLOG\x00\x01";
+const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"HLR1");
+pub(crate) const RECORD_HEADER: usize = 48;
+/// Largest data in one record (the reader's largest inline payload).
+pub const MAX_RECORD_DATA: usize = 64 << 10;
+/// Most bytes of records one group commit may append.
+const MAX_GROUP: usize = 4 << 20;
+pub const MIN_LOG_SIZE: u64 = BODY + MAX_GROUP as u64;
+/// How long `open` waits for another holder of the log to let go.
+#[cfg(not(test))]
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const LOCK_WAIT: Duration = Duration::from_millis(300);
+
+/// The log of the mirror directory `dir`: `.NAME.hapair-log` beside it, so
+/// that whatever opens the directory later (a mirror session, or a mount
+/// after promotion) finds the same log from the same path.
+pub fn log_path_for(dir: &Path) -> anyhow::Result<PathBuf> {
+    let canon = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let (Some(parent), Some(name)) = (canon.parent(), canon.file_name()) else {
+        anyhow::bail!(
+            "{}: a replicated directory cannot be the filesystem root",
+            canon.display()
+        );
+    };
+    let mut n = std::ffi::OsString::from(".");
+    n.push(name);
+    n.push(".hapair-log");
+    Ok(parent.join(n))
+}
+
+/// One record, as replay hands it over.
+pub(crate) struct Record<'a> {
+    pub path: RelPath,
+    pub offset: u64,
+    pub mtime: TimeSet,
+    pub data: &'a [u8],
+}
+
+pub(crate) struct Wal {
+    file: File,
+    path: PathBuf,
+    epoch: u64,
+    ident: (u64, u64),
+    size: u64,
+    /// Where the next group goes.
+    tail: u64,
+    /// Records of the group being built.
+    group: Vec<u8>,
+}
+
+/// Which directory a log belongs to: its filesystem's id, and its inode
+/// number mixed with its birth time (an inode number alone is handed out
+/// again to a directory made right after one was removed).
+fn identity(root: RawFd) -> Result<(u64, u64), SysError> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a statx buffer.
+    if unsafe {
+        libc::statx(
+            root,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_INO | libc::STATX_BTIME,
+            stx.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(SysError::new(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+            "statx",
+        ));
+    }
+    // SAFETY: statx succeeded and filled the buffer.
+    let stx = unsafe { stx.assume_init() };
+    let born = if stx.stx_mask & libc::STATX_BTIME != 0 {
+        (stx.stx_btime.tv_sec as u64).wrapping_mul(1_000_000_007) ^ stx.stx_btime.tv_nsec as u64
+    } else {
+        0
+    };
+    let node = stx.stx_ino ^ born.rotate_left(32);
+    let mut vfs = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: valid fd and buffer.
+    if unsafe { libc::fstatvfs(root, vfs.as_mut_ptr()) } < 0 {
+        return Err(SysError::new(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+            "fstatvfs",
+        ));
+    }
+    // SAFETY: fstatvfs succeeded and filled the buffer.
+    let vfs = unsafe { vfs.assume_init() };
+    Ok((vfs.f_fsid, node))
+}
+
+fn header_bytes(epoch: u64, ident: (u64, u64)) -> [u8; 36] {
+    let mut h = [0u8; 36];
+    h[0..8].copy_from_slice(HEADER_MAGIC);
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..24].copy_from_slice(&ident.0.to_le_bytes());
+    h[24..32].copy_from_slice(&ident.1.to_le_bytes());
+    let crc = crc32fast::hash(&h[0..32]);
+    h[32..36].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// A header slot's epoch and directory, if the slot is valid.
+fn parse_header(b: &[u8]) -> Option<(u64, (u64, u64))> {
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    if b.len() < 36 || &b[0..8] != HEADER_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b[32..36].try_into().ok()?);
+    (crc32fast::hash(&b[0..32]) == crc).then(|| (u64_at(8), (u64_at(16), u64_at(24))))
+}
+
+fn lock(file: &File, path: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        // SAFETY: valid fd.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+        if start.elapsed() >= LOCK_WAIT {
+            anyhow::bail!(
+                "{} is in use by another process (a mirror or a mount of the same directory); \
+                 stop it first",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes a new log at `path` for the directory `ident`: written in full
+/// under a temporary name, synced, then renamed into place.
+fn create(path: &Path, ident: (u64, u64), size: u64) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = zeros.len().min((size - off) as usize);
+        f.write_all_at(&zeros[..n], off)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        off += n as u64;
+    }
+    f.write_all_at(&header_bytes(1, ident), SLOT)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} into place", tmp.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Appends one record to `out` (see the layout above).
+pub(crate) fn encode(
+    out: &mut Vec<u8>,
+    epoch: u64,
+    path: &[u8],
+    offset: u64,
+    mtime: TimeSet,
+    data: &[u8],
+) {
+    let mut h = [0u8; RECORD_HEADER];
+    h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    h[8..16].copy_from_slice(&epoch.to_le_bytes());
+    h[16..24].copy_from_slice(&offset.to_le_bytes());
+    h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    h[28..30].copy_from_slice(&(path.len() as u16).to_le_bytes());
+    if let TimeSet::At(t) = mtime {
+        h[30] = 1;
+        h[32..40].copy_from_slice(&t.sec.to_le_bytes());
+        h[40..44].copy_from_slice(&t.nsec.to_le_bytes());
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[8..]);
+    crc.update(path);
+    crc.update(data);
+    h[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(path);
+    out.extend_from_slice(data);
+}
+
+impl Wal {
+    /// Opens the log at `path` for the directory `root`, locked against
+    /// any other holder; if it does not exist, makes one of `create_size`
+    /// bytes, or returns None when that is None.
+    pub fn open(path: &Path, root: RawFd, create_size: Option<u64>) -> anyhow::Result<Option<Wal>> {
+        let ident = identity(root).context("identifying the mirror directory")?;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_file() => {
+                anyhow::bail!("{} is not a regular file", path.display())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(size) = create_size else {
+                    return Ok(None);
+                };
+                assert!(size >= MIN_LOG_SIZE && size % 4096 == 0, "log size {size}");
+                create(path, ident, size)?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("stat {}", path.display())),
+        }
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        lock(&file, path)?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+        if len < MIN_LOG_SIZE || len % 4096 != 0 {
+            anyhow::bail!(
+                "{} is damaged: {len} bytes (a log is a multiple of 4096 bytes, at least \
+                 {MIN_LOG_SIZE}); if the directory's copy is to be rebuilt from its pair \
+                 anyway, remove the file",
+                path.display()
+            );
+        }
+        let mut h = [0u8; 2 * SLOT as usize];
+        file.read_exact_at(&mut h, 0)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let best = [&h[..SLOT as usize], &h[SLOT as usize..]]
+            .into_iter()
+            .filter_map(parse_header)
+            .max_by_key(|(e, _)| *e);
+        let Some((epoch, logged_for)) = best else {
+            anyhow::bail!(
+                "{} is damaged: no valid header; if the directory's copy is to be \
+                 rebuilt from its pair anyway, remove the file",
+                path.display()
+            );
+        };
+        let mut wal = Wal {
+            file,
+            path: path.to_path_buf(),
+            epoch,
+            ident: logged_for,
+            size: len,
+            tail: BODY,
+            group: Vec::new(),
+        };
+        if logged_for != ident {
+            // The directory was made again since: what the log holds was
+            // for a directory that is gone.
+            tracing::warn!(
+                log = %path.display(),
+                "the mirror log belongs to an earlier directory of that name; starting it afresh"
+            );
+            wal.ident = ident;
+            wal.new_epoch()
+                .map_err(|e| anyhow::anyhow!("restarting {}: {e}", path.display()))?;
+        }
+        Ok(Some(wal))
+    }
+
+    /// Hands every record of the current epoch to `apply`, in order, once
+    /// all of them have been read and found well-formed (a log with a
+    /// malformed record changes nothing). Leaves the tail after the last one
+    /// (replayed records stay until the next epoch). Returns how many there
+    /// were.
+    pub fn replay(
+        &mut self,
+        apply: &mut dyn FnMut(Record<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
+        let n = self.scan(&mut |_| Ok(()))?;
+        let again = self.scan(apply)?;
+        anyhow::ensure!(
+            again == n,
+            "{} changed while replaying",
+            self.path.display()
+        );
+        Ok(n)
+    }
+
+    fn scan(
+        &mut self,
+        apply: &mut dyn FnMut(Record<'_>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
+        let mut off = BODY;
+        let mut n = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; RECORD_HEADER];
+            if off + RECORD_HEADER as u64 > self.size {
+                break;
+            }
+            self.file
+                .read_exact_at(&mut h, off)
+                .with_context(|| format!("reading {}", self.path.display()))?;
+            let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+            let u64_at = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&h[i..i + 8]);
+                u64::from_le_bytes(b)
+            };
+            let data_len = u32_at(24) as usize;
+            let path_len = u16::from_le_bytes([h[28], h[29]]) as usize;
+            if u32_at(0) != RECORD_MAGIC
+                || u64_at(8) != self.epoch
+                || data_len > MAX_RECORD_DATA
+                || off + (RECORD_HEADER + path_len + data_len) as u64 > self.size
+            {
+                break;
+            }
+            buf.resize(path_len + data_len, 0);
+            self.file
+                .read_exact_at(&mut buf, off + RECORD_HEADER as u64)
+                .with_context(|| format!("reading {}", self.path.display()))?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&h[8..]);
+            crc.update(&buf);
+            if crc.finalize() != u32_at(4) {
+                break;
+            }
+            let at = off;
+            off += (RECORD_HEADER + path_len + data_len) as u64;
+            // A record that checks out but says something impossible was
+            // not written by this code: stop trusting the log there.
+            let path = RelPath::parse(&buf[..path_len]).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: record at byte {at} names an invalid path: {e}",
+                    self.path.display()
+                )
+            })?;
+            if path.is_root() || h[31] != 0 || h[30] > 1 {
+                anyhow::bail!("{}: record at byte {at} is malformed", self.path.display());
+            }
+            let mtime = if h[30] == 1 {
+                TimeSet::At(Timestamp {
+                    sec: u64_at(32) as i64,
+                    nsec: u32_at(40),
+                })
+            } else {
+                TimeSet::Omit
+            };
+            apply(Record {
+                path,
+                offset: u64_at(16),
+                mtime,
+                data: &buf[path_len..],
+            })
+            .with_context(|| {
+                format!("{}: replaying the record at byte {at}", self.path.display())
+            })?;
+            n += 1;
+        }
+        self.tail = off;
+        Ok(n)
+    }
+
+    /// True if a write of `data_len` bytes to `path` fits in this group.
+    pub fn fits(&self, path: &RelPath, data_len: usize) -> bool {
+        let len = RECORD_HEADER + path.to_bytes().len() + data_len;
+        data_len <= MAX_RECORD_DATA
+            && self.group.len() + len <= MAX_GROUP
+            && self.tail + (self.group.len() + len) as u64 <= self.size
+    }
+
+    /// Adds a record to the group (see `fits`).
+    pub fn push(&mut self, path: &RelPath, offset: u64, mtime: TimeSet, data: &[u8]) {
+        encode(
+            &mut self.group,
+            self.epoch,
+            &path.to_bytes(),
+            offset,
+            mtime,
+            data,
+        );
+    }
+
+    #[cfg(test)]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn has_group(&self) -> bool {
+        !self.group.is_empty()
+    }
+
+    pub fn discard_group(&mut self) {
+        self.group.clear();
+    }
+
+    /// Makes the group durable: one write, one fdatasync.
+    pub fn commit(&mut self) -> Result<(), SysError> {
+        let len = self.group.len() as u64;
+        assert!(self.tail + len <= self.size, "a group beyond the log's end");
+        let r = sys::pwrite_all(self.file.as_raw_fd(), &self.group, self.tail)
+            .and_then(|()| sys::fdatasync(self.file.as_raw_fd()));
+        self.group.clear();
+        r?;
+        self.tail += len;
+        Ok(())
+    }
+
+    /// Ends the current epoch: once this returns, none of its records will
+    /// be replayed. The caller has made their writes durable first.
+    pub fn new_epoch(&mut self) -> Result<(), SysError> {
+        let epoch = self.epoch + 1;
+        let slot = (epoch % 2) * SLOT;
+        sys::pwrite_all(
+            self.file.as_raw_fd(),
+            &header_bytes(epoch, self.ident),
+            slot,
+        )?;
+        sys::fdatasync(self.file.as_raw_fd())?;
+        self.epoch = epoch;
+        self.tail = BODY;
+        self.group.clear();
+        Ok(())
+    }
+
+    /// True if records of the current epoch may be in the log.
+    pub fn holds_records(&self) -> bool {
+        self.tail > BODY
+    }
+}
