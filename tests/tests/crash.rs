@@ -366,99 +366,136 @@ fn link_cut_strict_write_trials() {
     link_cut_trials("strict", "write", 2);
 }
 
+/// Which copy loses its page cache in `replays_after_losing_pages`.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    /// The mirror's; its node is then promoted.
+    Mirror,
+    /// The primary's; its mount is then started again.
+    Mount,
+}
+
 /// Both nodes fail at once (SIGKILL to the mount, then to the mirror), and
-/// the mirror's machine loses what its page cache held: the tests cannot
-/// cut a machine's power, so the record file's contents are cut away on
-/// the mirror instead, standing in for pages that never reached its disk.
-/// Every acknowledged record was made durable on the mirror by its
-/// write-ahead log only (small writes, fsync after each). The mirror's node
-/// is then promoted: `hapair mount` over its copy, its peer down. The mount
-/// replays the log before it serves, and every acknowledged record is there.
-#[test]
-fn a_promoted_mirror_replays_its_log_after_losing_its_page_cache() {
+/// one copy's machine loses what its page cache held: the tests cannot cut
+/// a machine's power, so that copy's record files are cut where their
+/// writes in the write-ahead log begin, standing in for pages that never
+/// reached the disk. Three writers append small records to their own files
+/// with an fsync after each, at the same time: the log is used while fsyncs
+/// are concurrent, and then every record acknowledged after a file's
+/// first logged write was made durable on that copy by the log only. Then
+/// `hapair mount` starts over that copy (the mirror's node promoted, or the
+/// primary restarted), its peer down: it replays the log before it serves,
+/// and every acknowledged record is there.
+fn replays_after_losing_pages(side: Side) {
+    const WRITERS: u64 = 3;
     let _s = env::serial();
     let seed = env::seed();
-    eprintln!("mirror log: seed {seed} (HAPAIR_TEST_SEED={seed} to replay)");
-    let mut h = Harness::new("mirror-log");
+    eprintln!("{side:?} log: seed {seed} (HAPAIR_TEST_SEED={seed} to replay)");
+    let mut h = Harness::new(&format!("wal-{side:?}"));
     h.start_mirror();
     h.mount(&MountOpts::mode("sync"));
     h.wait_status(Duration::from_secs(10), |v| v["state"] == "replicating")
         .unwrap_or_else(|e| panic!("not replicating: {e}"));
-    let ack_log = h.tmp().join("acks");
-    let mut c = Command::new(RECWRITER);
-    c.arg("write")
-        .arg("--file")
-        .arg(h.dir.join("records"))
-        .arg("--ack-log")
-        .arg(&ack_log)
-        .args(["--mode", "fsync", "--duration-ms", "30000"])
-        .args([
-            "--seed",
-            &seed.to_string(),
-            "--min-size",
-            "1",
-            "--max-size",
-            "8000",
-        ]);
-    let mut w = Proc::spawn("recwriter", &mut c, &h.logs);
-    wait_acks(&ack_log, 300, Duration::from_secs(30), &mut w);
+    let mut writers = Vec::new();
+    for k in 0..WRITERS {
+        let ack_log = h.tmp().join(format!("acks-{k}"));
+        let mut c = Command::new(RECWRITER);
+        c.arg("write")
+            .arg("--file")
+            .arg(h.dir.join(format!("records-{k}")))
+            .arg("--ack-log")
+            .arg(&ack_log)
+            .args(["--mode", "fsync", "--duration-ms", "30000"])
+            .args(["--seed", &(seed + k).to_string()])
+            .args(["--min-size", "1", "--max-size", "8000"]);
+        let w = Proc::spawn(&format!("recwriter-{k}"), &mut c, &h.logs);
+        writers.push((w, ack_log));
+    }
+    for (w, ack_log) in &mut writers {
+        wait_acks(ack_log, 300, Duration::from_secs(30), w);
+    }
     h.kill_mount();
-    w.wait_or_kill(Duration::from_secs(30));
-    let acked = read_ack_log(&ack_log).unwrap_or_else(|e| panic!("{e}"));
+    let mut acked = Vec::new();
+    for (w, ack_log) in &mut writers {
+        w.wait_or_kill(Duration::from_secs(30));
+        acked.push(read_ack_log(ack_log).unwrap_or_else(|e| panic!("{e}")));
+    }
     h.mirror().kill9();
-    let log = h
-        .mirror_dir
-        .parent()
-        .unwrap_or_else(|| panic!("mirror dir has no parent"))
-        .join(".mirror.hapair-log");
-    assert!(log.exists(), "no mirror log at {}", log.display());
-    // The writer only appends to one file: what the log covers is that
+    let dir = match side {
+        Side::Mirror => h.mirror_dir.clone(),
+        Side::Mount => h.dir.clone(),
+    };
+    let log = hapair_mirror::log_path_for(&dir).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(log.exists(), "no write-ahead log at {}", log.display());
+    let logged = hapair_mirror::logged_writes(&dir)
+        .unwrap_or_else(|e| panic!("reading the write-ahead log: {e:#}"));
+    // Each writer only appends to its file: what the log covers is that
     // file from its lowest logged offset on. Cut it there, as if none of
     // those pages had reached the disk.
-    let logged = hapair_mirror::logged_writes(&h.mirror_dir)
-        .unwrap_or_else(|e| panic!("reading the mirror log: {e:#}"));
+    let mut cuts = Vec::new();
+    for k in 0..WRITERS {
+        let name = format!("records-{k}");
+        let from = logged
+            .iter()
+            .filter(|(p, _, _)| p.to_bytes() == name.as_bytes())
+            .map(|(_, off, _)| *off)
+            .min();
+        let Some(from) = from else { continue };
+        let rec = dir.join(&name);
+        let had = std::fs::metadata(&rec)
+            .unwrap_or_else(|e| panic!("{}: {e}", rec.display()))
+            .len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&rec)
+            .and_then(|f| f.set_len(from))
+            .unwrap_or_else(|e| panic!("cutting {}: {e}", rec.display()));
+        cuts.push(format!("{name} {had} -> {from} bytes"));
+    }
     assert!(
-        logged.iter().all(|(p, _, _)| p.to_bytes() == b"records"),
-        "unexpected files in the log: {logged:?}"
+        !cuts.is_empty(),
+        "three concurrent writers and nothing in the log ({} records)",
+        logged.len()
     );
-    let from = logged
-        .iter()
-        .map(|(_, off, _)| *off)
-        .min()
-        .unwrap_or_else(|| panic!("the mirror log holds no writes"));
-    let rec = h.mirror_dir.join("records");
-    let had = std::fs::metadata(&rec)
-        .unwrap_or_else(|e| panic!("{}: {e}", rec.display()))
-        .len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&rec)
-        .and_then(|f| f.set_len(from))
-        .unwrap_or_else(|e| panic!("cutting {}: {e}", rec.display()));
-    // Promotion: the mirror's copy becomes the mounted directory; the
-    // old primary does not answer.
-    h.dir = h.mirror_dir.clone();
-    h.state_dir = h.tmp().join("state-promoted");
+    if let Side::Mirror = side {
+        // Promotion: the mirror's copy becomes the mounted directory.
+        h.dir = dir;
+        h.state_dir = h.tmp().join("state-promoted");
+    }
     h.mount(&MountOpts {
         timeout_ms: Some(1000),
         ..MountOpts::mode("sync")
     });
     let stderr = h.mount.as_ref().map(|m| m.stderr()).unwrap_or_default();
-    let files = vec![h.dir.join("records")];
-    match check_records(&files, seed, acked) {
-        Ok(r) => eprintln!(
-            "{acked} acked; the log held {} writes; the mirror's file was cut from {had} to {from} bytes; after the replay it holds 1..={}",
-            logged.len(),
-            r.present
-        ),
-        Err(errs) => panic!(
-            "seed {seed}: {acked} acked; after the replay the promoted copy's records are wrong:\n{}\nmount stderr:\n{stderr}",
-            errs.join("\n")
-        ),
+    for k in 0..WRITERS {
+        let files = vec![h.dir.join(format!("records-{k}"))];
+        let want = acked[k as usize];
+        match check_records(&files, seed + k, want) {
+            Ok(r) => eprintln!("{side:?}: writer {k}: {want} acked; after the replay 1..={} are there", r.present),
+            Err(errs) => panic!(
+                "{side:?}, seed {seed}: writer {k}: {want} acked; after the replay the records are wrong:\n{}\nmount stderr:\n{stderr}",
+                errs.join("\n")
+            ),
+        }
     }
+    eprintln!(
+        "{side:?}: the log held {} writes; cut: {}",
+        logged.len(),
+        cuts.join(", ")
+    );
     assert!(
-        stderr.contains("replayed the mirror log"),
+        stderr.contains("replayed the write-ahead log"),
         "the mount did not say it replayed the log:\n{stderr}"
     );
     h.stop_mount(Duration::from_secs(30));
+}
+
+#[test]
+fn a_promoted_mirror_replays_its_log_after_losing_its_page_cache() {
+    replays_after_losing_pages(Side::Mirror);
+}
+
+#[test]
+fn a_restarted_primary_replays_its_log_after_losing_its_page_cache() {
+    replays_after_losing_pages(Side::Mount);
 }

@@ -59,6 +59,7 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use hapair_mirror::LocalLog;
 use hapair_proto::{Op, RelPath, Seq, TimeSet, Timestamp};
 use hapair_repl_core::early::EarlyFiles;
 use std::cell::Cell;
@@ -221,6 +222,10 @@ pub struct ReplicaFs {
     /// number of writes each time (see `Replicator::early_barrier`)? Taken
     /// under the ordering lock (writes) or alone (fsync).
     early: Mutex<EarlyFiles>,
+    /// The directory's write-ahead log, if the mount keeps one: an fsync
+    /// after small writes is then one sync of the log (see
+    /// `hapair_mirror::LocalLog`).
+    log: Option<Arc<LocalLog>>,
 }
 
 #[derive(Default)]
@@ -551,7 +556,41 @@ impl ReplicaFs {
             direct_ok: AtomicBool::new(true),
             mtimes: Mutex::new(Mtimes::default()),
             early: Mutex::new(EarlyFiles::new()),
+            log: None,
         })
+    }
+
+    /// Keeps `log` as the backing directory's write-ahead log (opened, and
+    /// replayed, before the backing was).
+    pub fn with_log(mut self, log: Arc<LocalLog>) -> Self {
+        self.log = Some(log);
+        self
+    }
+
+    /// Takes the ordering lock for a change other than a write: the
+    /// write-ahead log's files are synced first (see `LocalLog`).
+    fn order_for_change(&self) -> R<MutexGuard<'_, ()>> {
+        let g = lock(&self.order);
+        if let Some(log) = &self.log {
+            log.before_change().map_err(|e| {
+                tracing::error!("syncing the files of the write-ahead log: {e}");
+                Errno::from_i32(e.errno)
+            })?;
+        }
+        Ok(g)
+    }
+
+    /// The local part of an fsync of the file `h`: the log's sync if it
+    /// covers the file's writes, else an fsync of the file.
+    fn local_file_sync(&self, h: &FileH, datasync: bool) -> R<()> {
+        let Some(log) = &self.log else {
+            return sys::fsync(h.fd.as_fd(), datasync);
+        };
+        log.fsync(h.ino, h.fd.as_fd(), &mut || {
+            sys::fsync(h.fd.as_fd(), datasync).map_err(|e| e.code())
+        })
+        .map(|_| ())
+        .map_err(Errno::from_i32)
     }
 
     /// The ordering lock (lock 1 above). Whoever holds it pauses every
@@ -855,7 +894,7 @@ impl ReplicaFs {
         let cn = sys::cname(name)?;
         let mut rec = self.rec();
         let result = {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
             let (pfd, pkind) = self.node(parent)?;
             if pkind != libc::S_IFDIR {
@@ -1012,7 +1051,7 @@ impl ReplicaFs {
         let handle = fh.and_then(|fh| self.file(fh).ok());
         let mut rec = self.rec();
         let st = {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let path = self.record_path(ino, fd.as_fd())?;
             let pre = sys::fstat(fd.as_fd())?;
             let mut cur_perm = pre.st_mode & 0o7777;
@@ -1115,7 +1154,7 @@ impl ReplicaFs {
         let cn = sys::cname(name)?;
         let mut rec = self.rec();
         {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
             let (pfd, _) = self.node(parent)?;
             let path = join(&self.dir_path(parent)?, name)?;
@@ -1152,7 +1191,7 @@ impl ReplicaFs {
         let bits = flags.bits();
         let mut rec = self.rec();
         {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
             let (pfd1, _) = self.node(parent)?;
             let (pfd2, _) = self.node(newparent)?;
@@ -1198,7 +1237,7 @@ impl ReplicaFs {
         let cn = sys::cname(newname)?;
         let mut rec = self.rec();
         let st = {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let ns = self.ns.write().unwrap_or_else(|e| e.into_inner());
             let (fd, kind) = self.node(ino)?;
             if kind == libc::S_IFDIR {
@@ -1300,6 +1339,10 @@ impl ReplicaFs {
             let path = self.record_path(ino, ifd.as_fd())?;
             let recorded = path.is_some();
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                // A mode change: the log's files leave it (see `LocalLog`).
+                if let Some(log) = &self.log {
+                    log.before_change().map_err(|e| Errno::from_i32(e.errno))?;
+                }
                 self.kill_suid(ino, ifd.as_fd(), path.as_ref(), &mut rec)?;
             }
             // O_APPEND: place the write at the end ourselves, under the
@@ -1329,11 +1372,25 @@ impl ReplicaFs {
             };
             // A large block-aligned write goes to the disk directly, from
             // a copy that the replicator then keeps as it is.
+            // A write the log will not hold (large, possibly direct, or to
+            // a file without a name): the log must not hold older writes of
+            // the file either, or a replay could put them back over it.
+            let loggable = path.is_some() && !self.may_write_direct(&h, data, off);
+            if let Some(log) = &self.log {
+                if !loggable {
+                    log.before_unlogged_write(ino)
+                        .map_err(|e| Errno::from_i32(e.errno))?;
+                }
+            }
+            let mut logged = false;
             let (n, err) = match self.direct_write(&h, ifd.as_fd(), data, off, piece, &mut each) {
                 Some(r) => r?,
                 None => {
                     let (n, err) = sys::pwrite_all(h.fd.as_fd(), data, off);
                     if n > 0 {
+                        if let (Some(log), Some(path), true) = (&self.log, &path, loggable) {
+                            logged = log.wrote(ino, path, off, &data[..n]);
+                        }
                         if let Some(path) = path {
                             let op = Op::Write {
                                 path,
@@ -1352,7 +1409,9 @@ impl ReplicaFs {
             let predicted =
                 n > 0 && recorded && h.sync.is_none() && lock(&self.early).on_write(ino);
             let early = predicted && self.repl.early_barrier();
-            let writeback = predicted.then(|| (h.clone(), off, n as u64));
+            // A logged write reaches the disk through the log: the file's
+            // own write-back would only compete with the log's sync.
+            let writeback = (predicted && !logged).then(|| (h.clone(), off, n as u64));
             (n, err, early, writeback)
         };
         if written == 0 {
@@ -1379,6 +1438,15 @@ impl ReplicaFs {
     /// next is written. Returns what `pwrite_all` returns for the whole, or
     /// the error of `each`. None: nothing was written; write it through the
     /// page cache.
+    /// True if `direct_write` may write `data` at `off` directly (or if the
+    /// write is too large for the log anyway).
+    fn may_write_direct(&self, h: &FileH, data: &[u8], off: u64) -> bool {
+        data.len() > hapair_mirror::MAX_RECORD_DATA
+            || !(h.append
+                || !self.direct_ok.load(Ordering::Relaxed)
+                || !direct::eligible(data.len(), off))
+    }
+
     fn direct_write(
         &self,
         h: &FileH,
@@ -1388,8 +1456,7 @@ impl ReplicaFs {
         piece: usize,
         each: &mut dyn FnMut(u64, bytes::Bytes) -> R<()>,
     ) -> Option<R<(usize, Option<Errno>)>> {
-        if h.append || !self.direct_ok.load(Ordering::Relaxed) || !direct::eligible(data.len(), off)
-        {
+        if !self.may_write_direct(h, data, off) {
             return None;
         }
         debug_assert!(piece > 0 && piece.is_multiple_of(direct::DIRECT_ALIGN));
@@ -1496,7 +1563,7 @@ impl ReplicaFs {
         let h = self.file(fh)?;
         let mut rec = self.rec();
         {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let (ifd, _) = self.node(h.ino)?;
             let path = self.record_path(h.ino, ifd.as_fd())?;
             sys::fallocate(h.fd.as_fd(), mode, offset, length)?;
@@ -1739,7 +1806,7 @@ impl ReplicaFs {
         }
         let mut rec = self.rec();
         {
-            let _order = lock(&self.order);
+            let _order = self.order_for_change()?;
             let (fd, _) = self.node(ino)?;
             if name == XATTR_CAPS {
                 if let Some(n) = lock(&self.table).get_mut(ino) {
@@ -2110,7 +2177,7 @@ impl Filesystem for ReplicaFs {
         // does not: the replicator answers once the mirror acknowledged.
         match (w.sync, w.seq) {
             (Some((h, datasync)), _) => {
-                self.durability_point_then(|| sys::fsync(h.fd.as_fd(), datasync), answer)
+                self.durability_point_then(|| self.local_file_sync(&h, datasync), answer)
             }
             (None, Some(seq)) => self
                 .repl
@@ -2163,7 +2230,13 @@ impl Filesystem for ReplicaFs {
         self.send_pending_mtime_logged(ino.0, true);
         lock(&self.early).on_durability_point(ino.0);
         match self.file(fh) {
-            Ok(h) => self.sync_then(h.fd.as_fd(), datasync, reply),
+            Ok(h) => self.durability_point_then(
+                || self.local_file_sync(&h, datasync),
+                move |r| match r {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(e),
+                },
+            ),
             Err(e) => reply.error(e),
         }
     }

@@ -227,15 +227,16 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
         );
     }
     let backing_path = a.backing.clone().unwrap_or_else(|| a.dir.clone());
-    // A directory that was a mirror may hold acknowledged writes in its
-    // write-ahead log only: they go into its files before anything reads
-    // them.
-    let replayed = hapair_mirror::recover(&backing_path)
-        .with_context(|| format!("replaying the mirror log of {}", backing_path.display()))?;
+    // The directory's write-ahead log: what it holds (acknowledged writes
+    // of this mount's last run, or of the mirror this copy was) goes into
+    // the files before anything reads them; then the mount keeps it.
+    let (log, replayed) = hapair_mirror::LocalLog::open(&backing_path)
+        .with_context(|| format!("opening the write-ahead log of {}", backing_path.display()))?;
+    let log = Arc::new(log);
     if replayed > 0 {
         info!(
             records = replayed,
-            "replayed the mirror log of the directory"
+            "replayed the write-ahead log of the directory"
         );
     }
     let backing = crate::mirror_server::open_dir(&backing_path)?;
@@ -323,7 +324,8 @@ pub fn run(a: MountArgs) -> anyhow::Result<()> {
     }
     client.write_status();
 
-    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?;
+    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?
+        .with_log(log);
     let pause = fs.ordering_lock();
     let dir = a.dir.clone();
     let asked_to_unmount = Arc::new(AtomicBool::new(false));

@@ -13,17 +13,19 @@
 //! on a symlink is refused. `..`, `/`, NUL and empty names cannot be
 //! expressed in a `RelPath` at all (see the tests, which hand-craft them).
 
+mod local_log;
 mod syncpool;
 mod sys;
 mod wal;
 
 use hapair_proto::buf::{self, BufPool};
 use hapair_proto::{EntryKind, ManifestEntry, Op, RelPath, TimeSet, MAX_MANIFEST_ENTRIES};
+pub use local_log::LocalLog;
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 pub use sys::SysError;
-pub use wal::{log_path_for, LOG_SIZE, MIN_LOG_SIZE};
+pub use wal::{log_path_for, LOG_SIZE, MAX_RECORD_DATA, MIN_LOG_SIZE};
 
 /// Beyond this many dirty files or directories, a barrier uses syncfs(2)
 /// instead of one fsync per entry (bounded memory, bounded work).
@@ -31,6 +33,9 @@ const MAX_DIRTY_ENTRIES: usize = 4096;
 
 /// Most files or directories a barrier has open at once for syncing.
 const SYNC_CHUNK: usize = 64;
+
+/// One-file group commits in a row after which the log is turned off.
+const CALM_GROUPS: u32 = 256;
 
 /// Regular files kept open between operations (see [`FdCache`]).
 const FD_CACHE_ENTRIES: usize = 64;
@@ -164,6 +169,13 @@ pub struct Applier {
     /// Nothing but small page-cache writes since the last barrier: the next
     /// barrier may commit them to the log.
     group_loggable: bool,
+    /// Group commits go to the log (see `barrier`).
+    log_on: bool,
+    /// Group commits in a row, while `log_on`, that covered one file.
+    calm: u32,
+    /// A group commit over at least this many files turns the log on (2;
+    /// tests set 1).
+    log_min_files: usize,
 }
 
 impl Applier {
@@ -181,6 +193,9 @@ impl Applier {
             wal: None,
             logged: BTreeSet::new(),
             group_loggable: true,
+            log_on: false,
+            calm: 0,
+            log_min_files: 2,
         })
     }
 
@@ -235,7 +250,7 @@ impl Applier {
             }
             wal.new_epoch()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
-            tracing::info!(log = %log.display(), records = n, "replayed the mirror log");
+            tracing::info!(log = %log.display(), records = n, "replayed the write-ahead log");
         }
         self.wal = Some(wal);
         Ok(Some(n))
@@ -645,12 +660,31 @@ impl Applier {
         let loggable = std::mem::replace(&mut self.group_loggable, true);
         if let Some(w) = &mut self.wal {
             // Only logged writes since the last barrier: the dirty files
-            // are exactly those of the group's records.
+            // are exactly those of the group's records. The log pays when a
+            // group covers several files (one log sync instead of several
+            // fsyncs); for one file, an fsync of it costs less than an
+            // append and a sync of the log (measured here, 4 KiB write +
+            // fsync, 1 job: 0.94 × with every group logged). So groups over
+            // several files turn the log on, and `CALM_GROUPS` one-file
+            // groups in a row turn it off (after a checkpoint).
             if loggable && w.has_group() && self.dirty_dirs.is_empty() && !self.overflow {
-                w.commit()?;
-                let files = std::mem::take(&mut self.dirty_files);
-                self.logged.extend(files);
-                return Ok(());
+                if self.dirty_files.len() >= self.log_min_files {
+                    self.log_on = true;
+                    self.calm = 0;
+                } else if self.log_on {
+                    self.calm += 1;
+                }
+                if self.log_on {
+                    w.commit()?;
+                    let files = std::mem::take(&mut self.dirty_files);
+                    self.logged.extend(files);
+                    if self.calm >= CALM_GROUPS {
+                        self.checkpoint()?;
+                        self.log_on = false;
+                        self.calm = 0;
+                    }
+                    return Ok(());
+                }
             }
             w.discard_group();
         }
@@ -741,6 +775,31 @@ pub fn recover(dir: &Path) -> anyhow::Result<u64> {
     let log = wal::log_path_for(dir)?;
     let mut a = Applier::open(dir)?;
     Ok(a.attach_log(&log, None)?.unwrap_or(0))
+}
+
+impl Drop for Applier {
+    /// A clean end (the session is over) leaves no records in the log: the
+    /// directory may be used without hapair next. A crash skips this; the
+    /// next opener replays.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::error!("final checkpoint of the mirror log: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+impl Applier {
+    /// Ends like a crash would: no final checkpoint.
+    fn crash(mut self) {
+        self.wal = None;
+    }
+
+    /// Logs every group commit of small writes, even over one file.
+    fn always_log(mut self) -> Self {
+        self.log_min_files = 1;
+        self
+    }
 }
 
 fn kind_of(mode: u32) -> Option<EntryKind> {
@@ -880,6 +939,8 @@ pub fn scan_tree_vec(
 
 #[cfg(test)]
 mod cache_tests;
+#[cfg(test)]
+mod local_log_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -383,6 +383,7 @@ impl World {
         let logdir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let applier =
             Applier::open_with_log_sized(&mirror, &logdir.path().join("log"), crate::MIN_LOG_SIZE)
+                .map(Applier::always_log)
                 .unwrap_or_else(|e| panic!("Applier::open_with_log: {e:#}"));
         let before = snapshot(tmp.path(), "mirror");
         World {

@@ -438,9 +438,23 @@ impl Wal {
         );
     }
 
-    #[cfg(test)]
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
+    }
+
+    /// Writes `records` (encoded with this epoch; see `fits`) after the
+    /// last ones, without syncing.
+    pub fn append(&mut self, records: &[u8]) -> Result<(), SysError> {
+        let len = records.len() as u64;
+        assert!(self.tail + len <= self.size, "records beyond the log's end");
+        sys::pwrite_all(self.file.as_raw_fd(), records, self.tail)?;
+        self.tail += len;
+        Ok(())
     }
 
     pub fn has_group(&self) -> bool {

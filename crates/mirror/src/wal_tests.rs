@@ -66,8 +66,10 @@ impl Lab {
         }
     }
 
+    /// The applier, logging every group commit of small writes (even over
+    /// one file).
     fn open(&self) -> anyhow::Result<Applier> {
-        Applier::open_with_log_sized(&self.root, &self.log, MIN_LOG_SIZE)
+        Applier::open_with_log_sized(&self.root, &self.log, MIN_LOG_SIZE).map(Applier::always_log)
     }
 
     fn applier(&self) -> Applier {
@@ -133,7 +135,7 @@ fn logged_writes_come_back_after_their_pages_are_lost() {
     assert_eq!(a.logged.len(), 2, "both files are covered by the log");
     assert_eq!(lab.read("f"), want_f);
     let before = epoch(&a);
-    drop(a);
+    a.crash();
 
     lab.lose("f", 0, 0);
     lab.lose("g", 3, b'x');
@@ -142,7 +144,7 @@ fn logged_writes_come_back_after_their_pages_are_lost() {
     assert_eq!(lab.read("g"), b"xxx\0\0\0\0seven");
     assert_eq!(lab.mtime("f"), (T2.sec, T2.nsec), "mtime replayed too");
     assert_eq!(epoch(&a), before + 1, "the replay ended the epoch");
-    drop(a);
+    a.crash();
 
     // After the replay's checkpoint the records are spent: they are not
     // applied again over what came later.
@@ -208,7 +210,7 @@ fn nothing_is_replayed_over_an_operation_that_came_after() {
     apply(&mut a, create("r"), &[]);
     barrier(&mut a);
     assert!(!a.wal.as_ref().expect("log").holds_records());
-    drop(a);
+    a.crash();
 
     drop(lab.applier());
     assert_eq!(lab.read("t"), b"", "the truncate stands");
@@ -229,7 +231,7 @@ fn replay_stops_at_a_damaged_record() {
     barrier(&mut a);
     apply(&mut a, write("f", 400), &[b'c'; 100]);
     barrier(&mut a);
-    drop(a);
+    a.crash();
     // One flipped bit in the second record's data.
     let second = wal::BODY + (wal::RECORD_HEADER + 1 + 100) as u64;
     let log = std::fs::OpenOptions::new()
@@ -262,7 +264,7 @@ fn a_log_left_by_a_removed_directory_is_not_replayed() {
     barrier(&mut a);
     apply(&mut a, write("f", 0), b"old directory");
     barrier(&mut a);
-    drop(a);
+    a.crash();
     std::fs::remove_dir_all(&lab.root).expect("rm");
     std::fs::create_dir(&lab.root).expect("mkdir");
     std::fs::write(lab.root.join("f"), b"fresh").expect("write");
@@ -373,7 +375,7 @@ fn a_full_log_starts_a_new_epoch_and_loses_nothing() {
         epoch(&a)
     );
     assert!(a.wal.as_ref().expect("log").holds_records());
-    drop(a);
+    a.crash();
     // Lose everything after the first write: what the last epoch's records
     // cover comes back, what earlier checkpoints synced was on the disk.
     // Here that "disk" is the page cache, so only the last epoch is tested
@@ -397,7 +399,7 @@ fn recover_replays_beside_the_directory_and_makes_no_log_where_none_was() {
     barrier(&mut a);
     apply(&mut a, write("f", 0), b"acknowledged");
     barrier(&mut a);
-    drop(a);
+    a.crash();
     lab.lose("f", 0, 0);
     assert_eq!(recover(&lab.root).expect("recover"), 1);
     assert_eq!(lab.read("f"), b"acknowledged");
@@ -417,7 +419,7 @@ fn one_holder_at_a_time() {
     assert!(e.contains("in use"), "{e}");
     let e = format!("{:#}", recover(&lab.root).expect_err("recover refused"));
     assert!(e.contains("in use"), "{e}");
-    drop(a);
+    a.crash();
     drop(lab.applier());
 }
 
@@ -435,4 +437,38 @@ fn the_log_path_is_beside_the_directory() {
     let other = lab.root.join(".").join("..").join("m");
     assert_eq!(log_path_for(&other).expect("path"), lab.log);
     assert!(log_path_for(Path::new("/")).is_err());
+}
+
+#[test]
+fn groups_over_several_files_turn_the_log_on_and_calm_turns_it_off() {
+    let lab = Lab::new();
+    let mut a = Applier::open_with_log_sized(&lab.root, &lab.log, MIN_LOG_SIZE)
+        .unwrap_or_else(|e| panic!("open: {e:#}"));
+    apply(&mut a, create("f"), &[]);
+    apply(&mut a, create("g"), &[]);
+    barrier(&mut a);
+    for i in 0..3 {
+        apply(&mut a, write("f", i * 10), b"one file");
+        barrier(&mut a);
+    }
+    assert!(
+        !a.wal.as_ref().expect("log").holds_records(),
+        "one-file groups are synced, not logged"
+    );
+    apply(&mut a, write("f", 0), b"two");
+    apply(&mut a, write("g", 0), b"files");
+    barrier(&mut a);
+    assert_eq!(a.logged.len(), 2, "a group over two files is logged");
+    let e = epoch(&a);
+    for i in 1..CALM_GROUPS {
+        apply(&mut a, write("f", 0), b"calm");
+        barrier(&mut a);
+        assert!(a.log_on, "still on after {i} one-file groups");
+    }
+    apply(&mut a, write("f", 0), b"calm");
+    barrier(&mut a);
+    assert!(!a.log_on, "off after {CALM_GROUPS} one-file groups");
+    assert!(!a.wal.as_ref().expect("log").holds_records());
+    assert_eq!(epoch(&a), e + 1, "with a checkpoint");
+    a.crash();
 }

@@ -318,12 +318,13 @@ fn mount_one(s: &DirSpec, st: &MountSettings, allowed: bool) -> anyhow::Result<A
         warn!(dir = %s.local.display(), "removed a stale mount left by a crashed process");
     }
     std::fs::create_dir_all(&s.local).with_context(|| format!("creating {}", s.local.display()))?;
-    // This node's copy was a mirror until now: what its write-ahead log
-    // holds goes into the files before anything reads them.
-    let replayed = hapair_mirror::recover(&s.local)
-        .with_context(|| format!("replaying the mirror log of {}", s.local.display()))?;
+    // The directory's write-ahead log: what it holds (this node's copy was
+    // a mirror until now, or a mount that crashed) goes into the files
+    // before anything reads them; then the mount keeps it.
+    let (log, replayed) = hapair_mirror::LocalLog::open(&s.local)
+        .with_context(|| format!("opening the write-ahead log of {}", s.local.display()))?;
     if replayed > 0 {
-        info!(dir = %s.local.display(), records = replayed, "replayed the mirror log");
+        info!(dir = %s.local.display(), records = replayed, "replayed the write-ahead log");
     }
     let backing = crate::mirror_server::open_dir(&s.local)?;
     let state = StateDir::open(&s.state)?;
@@ -344,7 +345,8 @@ fn mount_one(s: &DirSpec, st: &MountSettings, allowed: bool) -> anyhow::Result<A
         true,
     )?;
     client.allow_alone(allowed);
-    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?;
+    let fs = hapair_fs_replica::ReplicaFs::new(backing.try_clone()?, Arc::new(client.clone()))?
+        .with_log(Arc::new(log));
     let pause = fs.ordering_lock();
     let opts = hapair_fs_replica::MountOptions {
         n_threads: st.threads,

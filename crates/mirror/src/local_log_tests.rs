@@ -1,0 +1,227 @@
+//! The mount's side of the write-ahead log (`LocalLog`), driven as the
+//! mount drives it: writes made to a real file and reported, fsyncs
+//! planned and synced. A lost page cache is stood in for as in
+//! `wal_tests`: the log is dropped without its final checkpoint, the file
+//! is cut, and the directory is opened again.
+
+use super::*;
+use crate::local_log::CALM_FSYNCS as CALM;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+
+struct Dir {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("data");
+        std::fs::create_dir(&root).expect("mkdir");
+        std::fs::write(root.join("f"), b"").expect("create");
+        Dir { _tmp: tmp, root }
+    }
+
+    /// The log, with every fsync counted as concurrent (so files join at
+    /// their first fsync).
+    fn open(&self) -> (LocalLog, u64) {
+        let (log, n) = LocalLog::open_sized(&self.root, MIN_LOG_SIZE)
+            .unwrap_or_else(|e| panic!("open: {e:#}"));
+        log.always_contended(true);
+        (log, n)
+    }
+
+    fn file(&self) -> (std::fs::File, u64) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.root.join("f"))
+            .expect("open f");
+        let ino = f.metadata().expect("stat").ino();
+        (f, ino)
+    }
+
+    fn content(&self) -> Vec<u8> {
+        std::fs::read(self.root.join("f")).expect("read f")
+    }
+
+    fn cut(&self, len: u64) {
+        self.file().0.set_len(len).expect("cut");
+    }
+}
+
+fn p(s: &str) -> RelPath {
+    RelPath::parse(s.as_bytes()).expect("path")
+}
+
+/// A write as the mount makes it: to the file, then reported to the log.
+fn write(log: &LocalLog, f: &std::fs::File, ino: u64, off: u64, data: &[u8]) -> bool {
+    f.write_all_at(data, off).expect("write");
+    log.wrote(ino, &p("f"), off, data)
+}
+
+/// An fsync as the mount makes it; returns true if only the log was synced.
+fn fsync(log: &LocalLog, f: &std::fs::File, ino: u64) -> bool {
+    log.fsync(ino, f.as_fd(), &mut || {
+        f.sync_all()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+    })
+    .unwrap_or_else(|e| panic!("fsync: errno {e}"))
+}
+
+#[test]
+fn a_file_joins_at_an_fsync_and_later_fsyncs_sync_only_the_log() {
+    let d = Dir::new();
+    let (log, replayed) = d.open();
+    assert_eq!(replayed, 0);
+    let (f, ino) = d.file();
+    assert!(
+        !write(&log, &f, ino, 0, b"before"),
+        "not joined yet: not logged"
+    );
+    assert!(!fsync(&log, &f, ino), "the first fsync is an ordinary one");
+    assert_eq!(log.joined(), 1);
+    assert!(write(&log, &f, ino, 6, b" after"));
+    assert!(fsync(&log, &f, ino), "then the log covers the file");
+    let syncs = log.log_syncs();
+    assert!(fsync(&log, &f, ino));
+    assert_eq!(log.log_syncs(), syncs, "nothing new: no second log sync");
+    log.crash();
+
+    // The pages of the logged write never reached the disk.
+    d.cut(6);
+    let (log, replayed) = d.open();
+    assert_eq!(replayed, 1);
+    assert_eq!(d.content(), b"before after");
+    drop(log);
+}
+
+#[test]
+fn an_unlogged_write_syncs_older_records_first_and_makes_the_next_fsync_ordinary() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    fsync(&log, &f, ino);
+    assert!(write(&log, &f, ino, 0, b"logged"));
+    log.before_unlogged_write(ino).expect("checkpoint");
+    assert_eq!(log.joined(), 0, "a checkpoint: every file left the log");
+    // The unlogged write overwrites the logged range; a replay must not
+    // put the older bytes back.
+    f.write_all_at(b"LATEST", 0).expect("write");
+    assert!(!fsync(&log, &f, ino));
+    log.crash();
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 0);
+    assert_eq!(d.content(), b"LATEST");
+}
+
+#[test]
+fn a_change_other_than_a_write_ends_the_epoch_first() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    fsync(&log, &f, ino);
+    assert!(write(&log, &f, ino, 0, &[b'x'; 5000]));
+    assert!(fsync(&log, &f, ino));
+    log.before_change().expect("checkpoint");
+    // The change: a truncate that reaches the disk.
+    d.cut(0);
+    f.sync_all().expect("fsync");
+    assert!(!fsync(&log, &f, ino), "after a change, an ordinary fsync");
+    log.crash();
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 0);
+    assert_eq!(d.content(), b"", "the truncate stands");
+}
+
+#[test]
+fn a_clean_end_leaves_nothing_to_replay() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    fsync(&log, &f, ino);
+    assert!(write(&log, &f, ino, 0, b"kept"));
+    assert!(fsync(&log, &f, ino));
+    drop(log);
+    // Written over behind hapair's back after a clean stop: never undone.
+    f.write_all_at(b"KEPT", 0).expect("write");
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 0);
+    assert_eq!(d.content(), b"KEPT");
+}
+
+#[test]
+fn a_full_log_checkpoints_and_the_file_leaves_it() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    fsync(&log, &f, ino);
+    let data = vec![7u8; 60_000];
+    let mut logged = 0;
+    for i in 0..200u64 {
+        if write(&log, &f, ino, i * 60_000, &data) {
+            logged += 1;
+            continue;
+        }
+        // The log was full: synced and restarted; the file left it.
+        assert_eq!(log.joined(), 0);
+        break;
+    }
+    assert!(
+        (60..100).contains(&logged),
+        "{logged} records fit in the smallest log"
+    );
+    assert!(!fsync(&log, &f, ino), "it joins again at an ordinary fsync");
+    assert!(write(&log, &f, ino, 0, b"again"));
+    assert!(fsync(&log, &f, ino));
+}
+
+#[test]
+fn the_log_is_held_by_one_mount_at_a_time() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let e = LocalLog::open_sized(&d.root, MIN_LOG_SIZE)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(e.contains("in use"), "{e}");
+    let e = Applier::open_with_log(&d.root, &log_path_for(&d.root).expect("path"))
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(e.contains("in use"), "a mirror cannot take it either: {e}");
+    drop(log);
+    d.open();
+}
+
+#[test]
+fn only_concurrent_fsyncs_bring_files_into_the_log() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    log.always_contended(false);
+    let (f, ino) = d.file();
+    for i in 0..3u64 {
+        assert!(!write(&log, &f, ino, i * 10, b"alone"));
+        assert!(!fsync(&log, &f, ino), "one writer: ordinary fsyncs");
+    }
+    assert_eq!(log.joined(), 0);
+    log.always_contended(true);
+    assert!(!fsync(&log, &f, ino), "joins at a concurrent fsync");
+    assert_eq!(log.joined(), 1);
+    log.always_contended(false);
+    for i in 1..CALM {
+        assert!(write(&log, &f, ino, 0, b"logged"));
+        assert!(fsync(&log, &f, ino), "fsync {i} of a joined file");
+    }
+    assert!(write(&log, &f, ino, 0, b"logged"));
+    assert!(
+        !fsync(&log, &f, ino),
+        "after {CALM} calm fsyncs the log is checkpointed"
+    );
+    assert_eq!(log.joined(), 0);
+    log.crash();
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 0, "the checkpoint ended the epoch");
+}
