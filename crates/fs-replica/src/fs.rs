@@ -1375,7 +1375,9 @@ impl ReplicaFs {
             // A write the log will not hold (large, possibly direct, or to
             // a file without a name): the log must not hold older writes of
             // the file either, or a replay could put them back over it.
-            let loggable = path.is_some() && !self.may_write_direct(&h, data, off);
+            let loggable = path.is_some()
+                && data.len() <= hapair_mirror::MAX_RECORD_DATA
+                && !self.may_write_direct(&h, data, off);
             if let Some(log) = &self.log {
                 if !loggable {
                     log.before_unlogged_write(ino)
@@ -1438,13 +1440,9 @@ impl ReplicaFs {
     /// next is written. Returns what `pwrite_all` returns for the whole, or
     /// the error of `each`. None: nothing was written; write it through the
     /// page cache.
-    /// True if `direct_write` may write `data` at `off` directly (or if the
-    /// write is too large for the log anyway).
+    /// True if `direct_write` may write `data` at `off` directly.
     fn may_write_direct(&self, h: &FileH, data: &[u8], off: u64) -> bool {
-        data.len() > hapair_mirror::MAX_RECORD_DATA
-            || !(h.append
-                || !self.direct_ok.load(Ordering::Relaxed)
-                || !direct::eligible(data.len(), off))
+        !h.append && self.direct_ok.load(Ordering::Relaxed) && direct::eligible(data.len(), off)
     }
 
     fn direct_write(
