@@ -669,6 +669,12 @@ impl Applier {
             // groups in a row turn it off (after a checkpoint).
             if loggable && w.has_group() && self.dirty_dirs.is_empty() && !self.overflow {
                 if self.dirty_files.len() >= self.log_min_files {
+                    if !self.log_on {
+                        tracing::info!(
+                            files = self.dirty_files.len(),
+                            "group commits over several files: syncing them through the write-ahead log"
+                        );
+                    }
                     self.log_on = true;
                     self.calm = 0;
                 } else if self.log_on {
@@ -681,6 +687,9 @@ impl Applier {
                     if self.calm >= CALM_GROUPS {
                         self.checkpoint()?;
                         self.log_on = false;
+                        tracing::info!(
+                            "{CALM_GROUPS} one-file group commits in a row: the write-ahead log is off"
+                        );
                         self.calm = 0;
                     }
                     return Ok(());

@@ -67,6 +67,8 @@ struct State {
     syncs: SyncPool,
     /// fsyncs in a row that found no other in flight.
     calm: u32,
+    /// Files joined since the last calm checkpoint (for the log's messages).
+    on: bool,
 }
 
 /// What an fsync of a file has to do.
@@ -154,6 +156,7 @@ impl LocalLog {
                     scratch: Vec::new(),
                     syncs: SyncPool::default(),
                     calm: 0,
+                    on: false,
                 }),
                 commit: Mutex::new(()),
                 durable: AtomicU64::new(0),
@@ -299,6 +302,12 @@ impl LocalLog {
                 if let Err(e) = checkpoint_locked(&mut st, &self.durable) {
                     tracing::error!("checkpoint of the mount's log failed: {e}; no more logging");
                 }
+                if st.on {
+                    tracing::info!(
+                        "{CALM_FSYNCS} fsyncs in a row with no other in flight: the write-ahead log is off"
+                    );
+                    st.on = false;
+                }
                 return SyncPlan::File;
             }
         }
@@ -314,6 +323,12 @@ impl LocalLog {
                 // Joins now, before its fsync: writes from here on are
                 // logged; those before are covered by the fsync.
                 if contended && st.files.len() < MAX_FILES {
+                    if !st.on {
+                        tracing::info!(
+                            "concurrent fsyncs: syncing files through the write-ahead log"
+                        );
+                        st.on = true;
+                    }
                     if let Ok(fd) = dup(fd) {
                         st.files.insert(
                             ino,
