@@ -39,6 +39,8 @@ pub const LOG_SIZE: u64 = 64 << 20;
 /// Where records start.
 pub(crate) const BODY: u64 = 4096;
 const SLOT: u64 = 512;
+/// Writes to the log cover whole pages of this size.
+const PAGE: u64 = 4096;
 const HEADER_MAGIC: &[u8; 8] = b"HAPLOG\x00\x01";
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"HLR1");
 pub(crate) const RECORD_HEADER: usize = 48;
@@ -88,6 +90,14 @@ pub(crate) struct Wal {
     size: u64,
     /// Where the next group goes.
     tail: u64,
+    /// The log's first page as it is on the disk (both header slots).
+    head: Vec<u8>,
+    /// The bytes of the page that holds `tail`, from the page's start up
+    /// to `tail`: every write to the log covers whole pages (see
+    /// `write_tail`).
+    tail_page: Vec<u8>,
+    /// What `write_tail` writes.
+    out: Vec<u8>,
     /// Records of the group being built.
     group: Vec<u8>,
 }
@@ -286,7 +296,7 @@ impl Wal {
                 path.display()
             );
         }
-        let mut h = [0u8; 2 * SLOT as usize];
+        let mut h = vec![0u8; BODY as usize];
         file.read_exact_at(&mut h, 0)
             .with_context(|| format!("reading {}", path.display()))?;
         let best = [&h[..SLOT as usize], &h[SLOT as usize..]]
@@ -307,6 +317,9 @@ impl Wal {
             ident: logged_for,
             size: len,
             tail: BODY,
+            head: h,
+            tail_page: Vec::new(),
+            out: Vec::new(),
             group: Vec::new(),
         };
         if logged_for != ident {
@@ -415,7 +428,37 @@ impl Wal {
             n += 1;
         }
         self.tail = off;
+        let page = off - off % PAGE;
+        self.tail_page.resize((off - page) as usize, 0);
+        self.file
+            .read_exact_at(&mut self.tail_page, page)
+            .with_context(|| format!("reading {}", self.path.display()))?;
         Ok(n)
+    }
+
+    /// Writes `data` at the tail, as whole pages: from the start of the
+    /// tail's page (its bytes before the tail kept) to the end of the last
+    /// page touched (zeros after the data). A write of part of a page that
+    /// is not in the page cache makes the kernel read the page from the
+    /// disk first: measured here, after the page cache was dropped, 4 jobs
+    /// of fio b fell from about 6,600 to 4,300-4,900 IOPS with records
+    /// written where they end.
+    fn write_tail(&mut self, data: &[u8]) -> Result<(), SysError> {
+        let end = self.tail + data.len() as u64;
+        assert!(end <= self.size, "records beyond the log's end");
+        let start = self.tail - self.tail % PAGE;
+        let padded = end.div_ceil(PAGE) * PAGE;
+        self.out.clear();
+        self.out.extend_from_slice(&self.tail_page);
+        self.out.extend_from_slice(data);
+        self.out.resize((padded - start) as usize, 0);
+        sys::pwrite_all(self.file.as_raw_fd(), &self.out, start)?;
+        let last = end - end % PAGE;
+        self.tail_page.clear();
+        self.tail_page
+            .extend_from_slice(&self.out[(last - start) as usize..(end - start) as usize]);
+        self.tail = end;
+        Ok(())
     }
 
     /// True if a write of `data_len` bytes to `path` fits in this group.
@@ -450,11 +493,7 @@ impl Wal {
     /// Writes `records` (encoded with this epoch; see `fits`) after the
     /// last ones, without syncing.
     pub fn append(&mut self, records: &[u8]) -> Result<(), SysError> {
-        let len = records.len() as u64;
-        assert!(self.tail + len <= self.size, "records beyond the log's end");
-        sys::pwrite_all(self.file.as_raw_fd(), records, self.tail)?;
-        self.tail += len;
-        Ok(())
+        self.write_tail(records)
     }
 
     pub fn has_group(&self) -> bool {
@@ -467,29 +506,31 @@ impl Wal {
 
     /// Makes the group durable: one write, one fdatasync.
     pub fn commit(&mut self) -> Result<(), SysError> {
-        let len = self.group.len() as u64;
-        assert!(self.tail + len <= self.size, "a group beyond the log's end");
-        let r = sys::pwrite_all(self.file.as_raw_fd(), &self.group, self.tail)
+        let group = std::mem::take(&mut self.group);
+        let r = self
+            .write_tail(&group)
             .and_then(|()| sys::fdatasync(self.file.as_raw_fd()));
+        self.group = group;
         self.group.clear();
-        r?;
-        self.tail += len;
-        Ok(())
+        r
     }
 
     /// Ends the current epoch: once this returns, none of its records will
     /// be replayed. The caller has made their writes durable first.
     pub fn new_epoch(&mut self) -> Result<(), SysError> {
         let epoch = self.epoch + 1;
-        let slot = (epoch % 2) * SLOT;
-        sys::pwrite_all(
-            self.file.as_raw_fd(),
-            &header_bytes(epoch, self.ident),
-            slot,
-        )?;
+        let slot = ((epoch % 2) * SLOT) as usize;
+        let h = header_bytes(epoch, self.ident);
+        // The whole first page, so that nothing has to be read first (see
+        // `write_tail`).
+        let mut page = self.head.clone();
+        page[slot..slot + h.len()].copy_from_slice(&h);
+        sys::pwrite_all(self.file.as_raw_fd(), &page, 0)?;
         sys::fdatasync(self.file.as_raw_fd())?;
+        self.head = page;
         self.epoch = epoch;
         self.tail = BODY;
+        self.tail_page.clear();
         self.group.clear();
         Ok(())
     }
