@@ -9,16 +9,16 @@ use hapair_proto::buf::{DIRECT_ALIGN, DIRECT_MIN_BYTES};
 use hapair_proto::Timestamp;
 use std::collections::HashMap;
 
-const T: Timestamp = Timestamp {
+pub(crate) const T: Timestamp = Timestamp {
     sec: 1_700_000_000,
     nsec: 0,
 };
 
-fn p(s: &str) -> RelPath {
+pub(crate) fn p(s: &str) -> RelPath {
     RelPath::parse(s.as_bytes()).expect("valid test path")
 }
 
-fn create(path: &str) -> Op {
+pub(crate) fn create(path: &str) -> Op {
     Op::Create {
         path: p(path),
         mode: 0o644,

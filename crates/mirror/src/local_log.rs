@@ -110,12 +110,7 @@ fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, SysError> {
     // SAFETY: plain fcntl on a valid fd; the result is owned by nobody else.
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if r < 0 {
-        return Err(SysError::new(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-            "dup",
-        ));
+        return Err(SysError::last("dup"));
     }
     // SAFETY: r is a new descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(r) })

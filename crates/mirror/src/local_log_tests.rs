@@ -5,6 +5,7 @@
 //! is cut, and the directory is opened again.
 
 use super::*;
+use crate::cache_tests::p;
 use crate::local_log::CALM_FSYNCS as CALM;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -50,10 +51,6 @@ impl Dir {
     fn cut(&self, len: u64) {
         self.file().0.set_len(len).expect("cut");
     }
-}
-
-fn p(s: &str) -> RelPath {
-    RelPath::parse(s.as_bytes()).expect("path")
 }
 
 /// A write as the mount makes it: to the file, then reported to the log.

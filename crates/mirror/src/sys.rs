@@ -20,7 +20,8 @@ impl SysError {
             what: what.to_string(),
         }
     }
-    fn last(what: &str) -> SysError {
+    /// The error of the system call that just failed.
+    pub(crate) fn last(what: &str) -> SysError {
         let e = std::io::Error::last_os_error();
         SysError {
             errno: e.raw_os_error().unwrap_or(libc::EIO),

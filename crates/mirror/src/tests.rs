@@ -99,7 +99,7 @@ fn mknod(p: RelPath, mode: u32, rdev: u64) -> Op {
     }
 }
 
-fn setattr(p: RelPath) -> Op {
+pub(crate) fn setattr(p: RelPath) -> Op {
     Op::SetAttr {
         path: p,
         mode: None,
@@ -134,7 +134,7 @@ fn with_mode(op: Op, m: u32) -> Op {
     }
 }
 
-fn with_size(op: Op, s: u64) -> Op {
+pub(crate) fn with_size(op: Op, s: u64) -> Op {
     match op {
         Op::SetAttr {
             path,

@@ -118,12 +118,7 @@ fn identity(root: RawFd) -> Result<(u64, u64), SysError> {
         )
     } < 0
     {
-        return Err(SysError::new(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-            "statx",
-        ));
+        return Err(SysError::last("statx"));
     }
     // SAFETY: statx succeeded and filled the buffer.
     let stx = unsafe { stx.assume_init() };
@@ -136,12 +131,7 @@ fn identity(root: RawFd) -> Result<(u64, u64), SysError> {
     let mut vfs = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
     // SAFETY: valid fd and buffer.
     if unsafe { libc::fstatvfs(root, vfs.as_mut_ptr()) } < 0 {
-        return Err(SysError::new(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-            "fstatvfs",
-        ));
+        return Err(SysError::last("fstatvfs"));
     }
     // SAFETY: fstatvfs succeeded and filled the buffer.
     let vfs = unsafe { vfs.assume_init() };

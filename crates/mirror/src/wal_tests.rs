@@ -10,33 +10,18 @@
 //! directory again.
 
 use super::*;
+use crate::cache_tests::{create, p};
+use crate::tests::{setattr, with_size};
 use hapair_proto::Timestamp;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-const T: Timestamp = Timestamp {
-    sec: 1_700_000_000,
-    nsec: 0,
-};
+/// The mtime the logged writes carry (the files are created with
+/// `cache_tests::T`).
 const T2: Timestamp = Timestamp {
     sec: 1_700_000_555,
     nsec: 123_456_789,
 };
-
-fn p(s: &str) -> RelPath {
-    RelPath::parse(s.as_bytes()).expect("valid test path")
-}
-
-fn create(path: &str) -> Op {
-    Op::Create {
-        path: p(path),
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: T,
-        parent_mtime: None,
-    }
-}
 
 fn write(path: &str, offset: u64) -> Op {
     Op::Write {
@@ -168,19 +153,7 @@ fn nothing_is_replayed_over_an_operation_that_came_after() {
     assert_eq!(a.logged.len(), 3);
     let e = epoch(&a);
     // A truncate: the log's epoch ends before it is applied.
-    apply(
-        &mut a,
-        Op::SetAttr {
-            path: p("t"),
-            mode: None,
-            uid: None,
-            gid: None,
-            size: Some(0),
-            atime: TimeSet::Omit,
-            mtime: TimeSet::Omit,
-        },
-        &[],
-    );
+    apply(&mut a, with_size(setattr(p("t")), 0), &[]);
     assert_eq!(epoch(&a), e + 1, "checkpoint before the truncate");
     assert!(a.logged.is_empty());
     // An unlink and a new file of the same name, a rename and a new file
