@@ -567,17 +567,24 @@ impl ReplicaFs {
         self
     }
 
-    /// Takes the ordering lock for a change other than a write: the
-    /// write-ahead log's files are synced first (see `LocalLog`).
+    /// Takes the ordering lock for a change other than a write (see
+    /// `log_before_change`).
     fn order_for_change(&self) -> R<MutexGuard<'_, ()>> {
         let g = lock(&self.order);
-        if let Some(log) = &self.log {
-            log.before_change().map_err(|e| {
-                tracing::error!("syncing the files of the write-ahead log: {e}");
-                Errno::from_i32(e.errno)
-            })?;
-        }
+        self.log_before_change()?;
         Ok(g)
+    }
+
+    /// Before a change other than a write, under the ordering lock: the
+    /// write-ahead log's files are synced and leave it (see `LocalLog`).
+    fn log_before_change(&self) -> R<()> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        log.before_change().map_err(|e| {
+            tracing::error!("syncing the files of the write-ahead log: {e}");
+            Errno::from_i32(e.errno)
+        })
     }
 
     /// The local part of an fsync of the file `h`: the log's sync if it
@@ -674,16 +681,13 @@ impl ReplicaFs {
         );
     }
 
-    /// fsync (or fdatasync) of an open file or directory as a durability
+    /// The local sync `local` of an open file or directory as a durability
     /// point, answered through `reply`.
-    fn sync_then(&self, fd: BorrowedFd<'_>, datasync: bool, reply: ReplyEmpty) {
-        self.durability_point_then(
-            || sys::fsync(fd, datasync),
-            move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            },
-        );
+    fn sync_then(&self, local: impl FnMut() -> R<()>, reply: ReplyEmpty) {
+        self.durability_point_then(local, move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        });
     }
 
     /// The mtime to record with a write of `ino` just made through `fd`
@@ -1339,10 +1343,8 @@ impl ReplicaFs {
             let path = self.record_path(ino, ifd.as_fd())?;
             let recorded = path.is_some();
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                // A mode change: the log's files leave it (see `LocalLog`).
-                if let Some(log) = &self.log {
-                    log.before_change().map_err(|e| Errno::from_i32(e.errno))?;
-                }
+                // A mode change.
+                self.log_before_change()?;
                 self.kill_suid(ino, ifd.as_fd(), path.as_ref(), &mut rec)?;
             }
             // O_APPEND: place the write at the end ourselves, under the
@@ -1370,8 +1372,6 @@ impl ReplicaFs {
                 }
                 Ok(())
             };
-            // A large block-aligned write goes to the disk directly, from
-            // a copy that the replicator then keeps as it is.
             // A write the log will not hold (large, possibly direct, or to
             // a file without a name): the log must not hold older writes of
             // the file either, or a replay could put them back over it.
@@ -1385,6 +1385,8 @@ impl ReplicaFs {
                 }
             }
             let mut logged = false;
+            // A large block-aligned write goes to the disk directly, from
+            // a copy that the replicator then keeps as it is.
             let (n, err) = match self.direct_write(&h, ifd.as_fd(), data, off, piece, &mut each) {
                 Some(r) => r?,
                 None => {
@@ -1433,6 +1435,11 @@ impl ReplicaFs {
         })
     }
 
+    /// True if `direct_write` may write `data` at `off` directly.
+    fn may_write_direct(&self, h: &FileH, data: &[u8], off: u64) -> bool {
+        !h.append && self.direct_ok.load(Ordering::Relaxed) && direct::eligible(data.len(), off)
+    }
+
     /// Writes `data` at `off` with O_DIRECT if it is eligible (see `direct`)
     /// and the backing takes it, from an aligned copy, in pieces of at most
     /// `piece` bytes (a multiple of `DIRECT_ALIGN`): each piece written is
@@ -1440,11 +1447,6 @@ impl ReplicaFs {
     /// next is written. Returns what `pwrite_all` returns for the whole, or
     /// the error of `each`. None: nothing was written; write it through the
     /// page cache.
-    /// True if `direct_write` may write `data` at `off` directly.
-    fn may_write_direct(&self, h: &FileH, data: &[u8], off: u64) -> bool {
-        !h.append && self.direct_ok.load(Ordering::Relaxed) && direct::eligible(data.len(), off)
-    }
-
     fn direct_write(
         &self,
         h: &FileH,
@@ -2228,13 +2230,7 @@ impl Filesystem for ReplicaFs {
         self.send_pending_mtime_logged(ino.0, true);
         lock(&self.early).on_durability_point(ino.0);
         match self.file(fh) {
-            Ok(h) => self.durability_point_then(
-                || self.local_file_sync(&h, datasync),
-                move |r| match r {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(e),
-                },
-            ),
+            Ok(h) => self.sync_then(|| self.local_file_sync(&h, datasync), reply),
             Err(e) => reply.error(e),
         }
     }
@@ -2295,7 +2291,7 @@ impl Filesystem for ReplicaFs {
         reply: ReplyEmpty,
     ) {
         match self.dir(fh) {
-            Ok(d) => self.sync_then(d.fd.as_fd(), datasync, reply),
+            Ok(d) => self.sync_then(|| sys::fsync(d.fd.as_fd(), datasync), reply),
             Err(e) => reply.error(e),
         }
     }

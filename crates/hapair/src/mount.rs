@@ -1,8 +1,9 @@
 //! `hapair mount`: the replicated mount of one directory, and the link to
 //! its mirror that the supervisor's mounts use too.
 //!
-//! Start-up order: replay the directory's mirror log if it has one (it was
-//! a mirror before), open the backing directory (before mounting over it),
+//! Start-up order: open the directory's write-ahead log, replaying what it
+//! holds (the mount's last run, or the mirror this copy was), open the
+//! backing directory (before mounting over it),
 //! connect and handshake with the mirror, bring the mirror to the same tree
 //! (synchronisation), and only then mount FUSE and serve. If the mirror
 //! cannot be reached, the mount serves alone (degraded), journals that a full

@@ -244,7 +244,8 @@ impl Applier {
         }
         if n > 0 {
             let list: Vec<RelPath> = replayed.into_iter().collect();
-            let whole_fs = self.sync_list(&list)? || std::mem::take(&mut self.overflow);
+            let overflow = std::mem::take(&mut self.overflow);
+            let whole_fs = self.sync_list(&list)? || overflow;
             if whole_fs {
                 sys::syncfs(self.root())?;
             }
