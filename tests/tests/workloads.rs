@@ -134,22 +134,53 @@ fn fsx_config(dir: &Path) -> std::path::PathBuf {
     p
 }
 
+/// fsx with `seed` on `file`, its logs in `logs`.
+fn fsx(
+    cfg: &Path,
+    seed: u64,
+    logs: &Path,
+    file: &Path,
+    name: &str,
+) -> (std::process::ExitStatus, hapair_tests::Proc) {
+    let mut c = Command::new(tool_path("fsx"));
+    c.current_dir(logs);
+    c.arg("-f")
+        .arg(cfg)
+        .args(["-N", "20000", "-S", &seed.to_string()])
+        .arg("-P")
+        .arg(logs)
+        .arg(file);
+    run_bounded(name, &mut c, logs, Duration::from_secs(180))
+}
+
 #[test]
 fn fsx_bounded() {
     let _s = env::serial();
     let h = mounted("fsx");
     let cfg = fsx_config(&h.logs);
-    let seed = env::seed() % 1_000_000;
+    // Some seeds make fsx itself give up on any filesystem (seed 502764
+    // asks for a posix_fallocate of 0 bytes, gets EINVAL, and stops, on
+    // plain ext4 too). The seed is first run on a plain directory; one
+    // that fails there is skipped for the next.
+    let base = h.tmp().mkdir("fsx-baseline");
+    let first = env::seed() % 1_000_000;
+    let seed = (first..first + 10)
+        .find(|&seed| {
+            let (s, _) = fsx(&cfg, seed, &h.logs, &base.join("fsx.data"), "fsx-baseline");
+            let _ = std::fs::remove_file(base.join("fsx.data"));
+            if !s.success() {
+                eprintln!("fsx seed {seed} fails on a plain directory too: skipped");
+            }
+            s.success()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "fsx failed on a plain directory with seeds {first}..{}",
+                first + 10
+            )
+        });
     eprintln!("fsx seed {seed}");
-    let mut c = Command::new(tool_path("fsx"));
-    c.current_dir(&h.logs);
-    c.arg("-f")
-        .arg(&cfg)
-        .args(["-N", "20000", "-S", &seed.to_string()])
-        .arg("-P")
-        .arg(&h.logs)
-        .arg(h.dir.join("fsx.data"));
-    let (s, p) = run_bounded("fsx", &mut c, &h.logs, Duration::from_secs(180));
+    let (s, p) = fsx(&cfg, seed, &h.logs, &h.dir.join("fsx.data"), "fsx");
     assert!(
         s.success(),
         "fsx (seed {seed}) failed ({s:?}):\n{}\n{}",
