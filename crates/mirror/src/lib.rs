@@ -106,6 +106,10 @@ impl FdCache {
         raw
     }
 
+    fn contains(&self, p: &RelPath) -> bool {
+        self.files.contains_key(p)
+    }
+
     /// Forgets `p` and everything below it.
     fn forget_below(&mut self, p: &RelPath) {
         if !self.files.is_empty() {
@@ -275,15 +279,25 @@ impl Applier {
     }
 
     /// Decides whether `op` goes into the log's group. Anything but a small
-    /// page-cache write that fits first ends the log's epoch (checkpoint):
+    /// page-cache write or an mtime change of a written file (see
+    /// `mtime_only`) that fits first ends the log's epoch (checkpoint):
     /// replaying a logged write after, say, a truncate or a rename that
     /// reached the disk would build a file the primary never had.
     fn prepare_for(&mut self, op: &Op, payload: &[u8]) -> Result<bool, SysError> {
+        let mtime_of_written = mtime_only(op).is_some_and(|p| self.files.contains(p));
         let Some(wal) = &self.wal else {
             return Ok(false);
         };
         match op {
             Op::Barrier => return Ok(false),
+            Op::SetAttr { path, .. }
+                if mtime_of_written
+                    && self.group_loggable
+                    && self.logged.len() < MAX_DIRTY_ENTRIES
+                    && wal.fits(path, 0) =>
+            {
+                return Ok(true);
+            }
             Op::Write { path, offset, .. } => {
                 let page_cache = !(self.direct_ok && buf::direct_eligible(payload.len(), *offset));
                 if self.group_loggable
@@ -626,7 +640,16 @@ impl Applier {
                 if *atime != TimeSet::Omit || *mtime != TimeSet::Omit {
                     sys::utimes_at(d.as_raw_fd(), &n, *atime, *mtime)?;
                 }
-                self.mark_parent(path);
+                if log_it {
+                    // A change of the file's own inode (see `mtime_only`),
+                    // made durable by the log like a write.
+                    self.mark_file(path);
+                    if let Some(w) = &mut self.wal {
+                        w.push(path, 0, *mtime, &[]);
+                    }
+                } else {
+                    self.mark_parent(path);
+                }
             }
             Op::SetXattr {
                 path, name, value, ..
@@ -682,6 +705,18 @@ impl Applier {
                     self.calm += 1;
                 }
                 if self.log_on {
+                    if !w.room(0) {
+                        // This half is full: its files are synced by the
+                        // log's helper while the group goes to the other.
+                        let fds = self.logged_fds()?;
+                        if let Some(w) = &mut self.wal {
+                            w.rotate(fds)?;
+                        }
+                        self.logged.clear();
+                    }
+                    let Some(w) = &mut self.wal else {
+                        return Ok(());
+                    };
                     w.commit()?;
                     let files = std::mem::take(&mut self.dirty_files);
                     self.logged.extend(files);
@@ -712,6 +747,33 @@ impl Applier {
         self.dirty_dirs.clear();
         self.overflow = false;
         Ok(())
+    }
+
+    /// Descriptors of the files with records in the log's current epoch,
+    /// for its helper to sync (see `wal::Wal::rotate`). Within an epoch a
+    /// file is only written, never renamed or removed, so its name still
+    /// leads to it.
+    fn logged_fds(&mut self) -> Result<Vec<OwnedFd>, SysError> {
+        let list: Vec<RelPath> = self.logged.iter().cloned().collect();
+        let mut fds = Vec::with_capacity(list.len());
+        for p in &list {
+            let fd = match self.files.get(p) {
+                Some(fd) => sys::dup(fd)?,
+                None => {
+                    let opened = sys::parent_of(self.root(), p)
+                        .and_then(|(d, n)| sys::open_regular(d.as_raw_fd(), &n, libc::O_RDONLY));
+                    match opened {
+                        Ok(f) => f,
+                        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
+                            continue
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            fds.push(fd);
+        }
+        Ok(fds)
     }
 
     /// fsyncs the files or directories named in `list`: a few at a time, in
@@ -809,6 +871,29 @@ impl Applier {
     fn always_log(mut self) -> Self {
         self.log_min_files = 1;
         self
+    }
+}
+
+/// The path of a setattr that only sets the mtime. The mount
+/// sends one after writes to a file, about once a second while it is
+/// written (the writes themselves carry no exact mtime in between). For a
+/// regular file (one the applier has open: see `FdCache`) it goes into the
+/// log as a record of no data with that mtime, which replay applies in its
+/// place, in order with the writes: ending the log's epoch for it instead
+/// made every such setattr sync every logged file (measured here, 4 jobs of
+/// 4 KiB write + fsync: fsyncs of the application waited up to 54 ms).
+fn mtime_only(op: &Op) -> Option<&RelPath> {
+    match op {
+        Op::SetAttr {
+            path,
+            mode: None,
+            uid: None,
+            gid: None,
+            size: None,
+            atime: TimeSet::Omit,
+            mtime: TimeSet::At(_),
+        } => Some(path),
+        _ => None,
     }
 }
 

@@ -9,8 +9,9 @@
 //! that file is then one fdatasync of the log, shared by every fsync that
 //! arrives meanwhile (group commit), instead of an fsync of the file. The
 //! files are synced at checkpoints: before any other change to the tree
-//! (the mount calls `before_change` under its ordering lock), when the log
-//! is full, and when the log is dropped.
+//! (the mount calls `before_change` under its ordering lock) and when the
+//! log is dropped; and, off the writers' path, by the log's helper thread
+//! when a half of the log fills (`Wal::rotate`).
 //!
 //! The log pays only when fsyncs come concurrently: with one fsync at a
 //! time, an append to the log and its fdatasync cost more than the file's
@@ -34,7 +35,7 @@ use crate::sys::{self, SysError};
 use crate::wal::{self, Wal};
 use hapair_proto::{RelPath, TimeSet};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -107,13 +108,7 @@ impl Drop for InFlight<'_> {
 }
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd, SysError> {
-    // SAFETY: plain fcntl on a valid fd; the result is owned by nobody else.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if r < 0 {
-        return Err(SysError::last("dup"));
-    }
-    // SAFETY: r is a new descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+    sys::dup(fd.as_raw_fd())
 }
 
 impl LocalLog {
@@ -181,14 +176,16 @@ impl LocalLog {
             self.unlogged_locked(&mut st, ino);
             return false;
         }
-        if !st.wal.fits(path, data.len()) {
-            // Full: sync the files and start over (rare; the file leaves
-            // the log with the others).
-            if let Err(e) = checkpoint_locked(&mut st, &self.durable) {
-                tracing::error!("checkpoint of the mount's log failed: {e}; no more logging");
+        let len = wal::RECORD_HEADER + path.to_bytes().len() + data.len();
+        if !st.wal.room(len) {
+            // This half is full: the log's helper syncs the files its
+            // records cover while records go to the other half.
+            if let Err(e) = rotate_locked(&mut st, &self.durable) {
+                tracing::error!("rotating the mount's log failed: {e}; no more logging");
                 st.broken = true;
+                self.unlogged_locked(&mut st, ino);
+                return false;
             }
-            return false;
         }
         let epoch = st.wal.epoch();
         let mut rec = std::mem::take(&mut st.scratch);
@@ -390,11 +387,37 @@ impl LocalLog {
             .store(if on { 0 } else { 1 }, Ordering::Relaxed);
     }
 
+    /// The log's current epoch.
+    #[cfg(test)]
+    pub(crate) fn epoch(&self) -> u64 {
+        self.lock().wal.epoch()
+    }
+
+    /// Rotations leave their retirement undone until it is needed (as a
+    /// crash during it would).
+    #[cfg(test)]
+    pub(crate) fn hold_retiring(&self) {
+        self.lock().wal.hold_retiring = true;
+    }
+
     /// Ends like a crash would: no final checkpoint.
     #[cfg(test)]
     pub(crate) fn crash(self) {
         self.lock().broken = true;
     }
+}
+
+/// Goes on in the other half of the log (see `Wal::rotate`); the files
+/// stay in the log.
+fn rotate_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError> {
+    let mut fds = Vec::new();
+    for f in st.files.values().filter(|f| f.lsn > 0) {
+        fds.push(sys::dup(f.fd.as_raw_fd())?);
+    }
+    st.wal.rotate(fds)?;
+    // The rotation synced the log.
+    durable.fetch_max(st.appended, Ordering::AcqRel);
+    Ok(())
 }
 
 fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError> {

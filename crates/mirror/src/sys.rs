@@ -124,6 +124,31 @@ pub fn parent_or_self(root: RawFd, p: &RelPath) -> Result<(OwnedFd, Vec<u8>), Sy
     }
 }
 
+/// Writes back the dirty pages of `fd` in `off..off + len` and waits for
+/// them (sync_file_range: data only, no metadata, no cache flush).
+pub fn write_back_range(fd: RawFd, off: u64, len: u64) -> Result<(), SysError> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain syscall on a descriptor.
+    if unsafe { libc::sync_file_range(fd, off as i64, len as i64, flags) } < 0 {
+        return Err(SysError::last("sync_file_range"));
+    }
+    Ok(())
+}
+
+/// A new descriptor (close-on-exec) of what `fd` is open on.
+pub fn dup(fd: RawFd) -> Result<OwnedFd, SysError> {
+    // SAFETY: plain fcntl on a descriptor; the result is owned by nobody
+    // else.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if r < 0 {
+        return Err(SysError::last("dup"));
+    }
+    // SAFETY: r is a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
 /// Opens `p` itself below `root` with `flags` (walking without symlinks).
 pub fn open_below(root: RawFd, p: &RelPath, flags: i32) -> Result<OwnedFd, SysError> {
     let (d, n) = parent_or_self(root, p)?;
