@@ -75,6 +75,9 @@ const MAX_GROUP: usize = 4 << 20;
 /// wait up to 9-10 ms at p99.9 (2.4 before the rotation); in 256 KiB
 /// pieces, 2.1-2.4 ms.
 const WRITEBACK_CHUNK: u64 = 256 << 10;
+/// Most pieces a retirement writes one file back in (bigger pieces for a
+/// file over 1 GiB).
+const WRITEBACK_PIECES: u64 = 4096;
 /// The smallest log: the headers and two halves that each hold the largest
 /// group.
 pub const MIN_LOG_SIZE: u64 = BODY + 2 * MAX_GROUP as u64;
@@ -199,11 +202,14 @@ impl Retire {
             // A piece at a time, each waited for, so that the files' pages
             // never fill the disk's queue ahead of the writers' syncs (see
             // `WRITEBACK_CHUNK`); then the fsync, with little left to write.
+            // At most `WRITEBACK_PIECES` system calls for a file, however
+            // large (or sparse) it is.
             let size = sys::fstat(fd.as_raw_fd())?.st_size as u64;
+            let piece = WRITEBACK_CHUNK.max(size.div_ceil(WRITEBACK_PIECES));
             let mut off = 0;
             while off < size {
-                sys::write_back_range(fd.as_raw_fd(), off, WRITEBACK_CHUNK)?;
-                off += WRITEBACK_CHUNK;
+                sys::write_back_range(fd.as_raw_fd(), off, piece)?;
+                off += piece;
             }
             sys::fsync(fd.as_raw_fd())?;
         }
