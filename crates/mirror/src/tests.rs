@@ -179,7 +179,7 @@ fn with_owner(op: Op, u: u32, g: u32) -> Op {
     }
 }
 
-fn with_mtime(op: Op, m: Timestamp) -> Op {
+pub(crate) fn with_mtime(op: Op, m: Timestamp) -> Op {
     match op {
         Op::SetAttr {
             path,

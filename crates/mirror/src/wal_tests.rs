@@ -11,7 +11,7 @@
 
 use super::*;
 use crate::cache_tests::{create, p};
-use crate::tests::{setattr, with_size};
+use crate::tests::{setattr, with_mtime, with_size};
 use hapair_proto::Timestamp;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -198,26 +198,7 @@ fn an_mtime_report_is_logged_like_a_write_and_replayed_in_order() {
         sec: 1_700_000_777,
         nsec: 42,
     };
-    let set_mtime = |f: &str, t: Timestamp| match setattr(p(f)) {
-        Op::SetAttr {
-            path,
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            ..
-        } => Op::SetAttr {
-            path,
-            mode,
-            uid,
-            gid,
-            size,
-            atime,
-            mtime: TimeSet::At(t),
-        },
-        _ => unreachable!(),
-    };
+    let set_mtime = |f: &str, t: Timestamp| with_mtime(setattr(p(f)), t);
     let lab = Lab::new();
     let mut a = lab.applier();
     apply(&mut a, create("f"), &[]);
