@@ -73,7 +73,7 @@ const MAX_GROUP: usize = 4 << 20;
 /// time. Measured here, 4 jobs × 20,000 of 4 KiB write + fsync: with one
 /// fsync per file, the pages written back at once made the writers' fsyncs
 /// wait up to 9-10 ms at p99.9 (2.4 before the rotation); in 256 KiB
-/// pieces, 2.1-2.4 ms.
+/// pieces, 1.9-2.2 ms.
 const WRITEBACK_CHUNK: u64 = 256 << 10;
 /// Most pieces a retirement writes one file back in (bigger pieces for a
 /// file over 1 GiB).
