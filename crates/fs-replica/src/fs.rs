@@ -1379,10 +1379,12 @@ impl ReplicaFs {
                 && data.len() <= hapair_mirror::MAX_RECORD_DATA
                 && !self.may_write_direct(&h, data, off);
             if let Some(log) = &self.log {
-                if !loggable {
+                let r = if loggable {
+                    log.before_logged_write(ino)
+                } else {
                     log.before_unlogged_write(ino)
-                        .map_err(|e| Errno::from_i32(e.errno))?;
-                }
+                };
+                r.map_err(|e| Errno::from_i32(e.errno))?;
             }
             let mut logged = false;
             // A large block-aligned write goes to the disk directly, from

@@ -29,6 +29,17 @@
 //!
 //! What a replayed file does not get back exactly is its mtime: a logged
 //! write carries none, so after a crash the file's mtime is the replay's.
+//!
+//! When the log fails (a write or a sync of it), nothing more is logged,
+//! and the records it holds must not be replayed over what is written
+//! after: the log is checkpointed at once. If that fails too, the log is
+//! *stuck*: its records stay live (a failed fsync may have dropped the
+//! files' pages, so only a replay at the next start restores what they
+//! hold; a retried fsync could succeed over lost data, so none is tried),
+//! and until this process ends, the files they cover refuse writes and
+//! fsyncs, and the tree refuses changes, with EIO. What the application
+//! was told is durable is then exactly what the next start's replay
+//! brings back.
 
 use crate::syncpool::SyncPool;
 use crate::sys::{self, SysError};
@@ -70,6 +81,24 @@ struct State {
     calm: u32,
     /// Files joined since the last calm checkpoint (for the log's messages).
     on: bool,
+    /// A checkpoint failed: the log's records stay live until the next
+    /// start replays them; `files` keeps the files they cover (see the
+    /// module's doc).
+    stuck: bool,
+    /// Tests: makes the log's writes and syncs fail (see `fail`).
+    #[cfg(test)]
+    fault: Fault,
+}
+
+/// Failures a test makes the log meet.
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Fault {
+    None,
+    /// The log's fdatasync fails; its header and the files sync.
+    Sync,
+    /// Every write and sync of the log fails; the files sync.
+    All,
 }
 
 /// What an fsync of a file has to do.
@@ -78,6 +107,8 @@ enum SyncPlan {
     Log(u64),
     /// An ordinary fsync of the file, then `synced(ino, ok)`.
     File,
+    /// The log is stuck with records of this file: EIO.
+    Refuse,
 }
 
 pub struct LocalLog {
@@ -147,6 +178,9 @@ impl LocalLog {
                     syncs: SyncPool::default(),
                     calm: 0,
                     on: false,
+                    stuck: false,
+                    #[cfg(test)]
+                    fault: Fault::None,
                 }),
                 commit: Mutex::new(()),
                 durable: AtomicU64::new(0),
@@ -181,9 +215,10 @@ impl LocalLog {
             // This half is full: the log's helper syncs the files its
             // records cover while records go to the other half.
             if let Err(e) = rotate_locked(&mut st, &self.durable) {
-                tracing::error!("rotating the mount's log failed: {e}; no more logging");
-                st.broken = true;
+                // The error may be the helper's fsync of the files: no
+                // checkpoint may retry it (see the module's doc).
                 self.unlogged_locked(&mut st, ino);
+                stick_locked(&mut st, &format!("rotating the log: {e}"));
                 return false;
             }
         }
@@ -198,6 +233,13 @@ impl LocalLog {
             TimeSet::Omit,
             data,
         );
+        #[cfg(test)]
+        let r = if st.fault == Fault::All {
+            Err(SysError::new(libc::EIO, "test: the log fails"))
+        } else {
+            st.wal.append(&rec)
+        };
+        #[cfg(not(test))]
         let r = st.wal.append(&rec);
         let len = rec.len() as u64;
         st.scratch = rec;
@@ -212,10 +254,38 @@ impl LocalLog {
             }
             Err(e) => {
                 tracing::error!("writing to the mount's log failed: {e}; no more logging");
-                st.broken = true;
                 self.unlogged_locked(&mut st, ino);
+                self.break_locked(&mut st);
                 false
             }
+        }
+    }
+
+    /// Before a write to `ino` that will be logged (under the mount's
+    /// ordering lock, before it is made): refused with EIO if the log is
+    /// stuck with records of that file (see the module's doc).
+    pub fn before_logged_write(&self, ino: u64) -> Result<(), SysError> {
+        let st = self.lock();
+        refuse_if_stuck(&st, ino)
+    }
+
+    /// The log failed: nothing more is logged, and it is checkpointed now,
+    /// so that none of its records is replayed over a later write. If that
+    /// fails, the log is stuck. True: the checkpoint made every logged
+    /// file durable.
+    fn break_locked(&self, st: &mut State) -> bool {
+        st.broken = true;
+        if st.stuck {
+            return false;
+        }
+        match checkpoint_locked(st, &self.durable) {
+            Ok(()) => {
+                tracing::warn!(
+                    "the mount's log was checkpointed after its failure: fsyncs are ordinary from now on"
+                );
+                true
+            }
+            Err(_) => false,
         }
     }
 
@@ -225,6 +295,7 @@ impl LocalLog {
     /// (a replay must never put them back over this write).
     pub fn before_unlogged_write(&self, ino: u64) -> Result<(), SysError> {
         let mut st = self.lock();
+        refuse_if_stuck(&st, ino)?;
         let has_records = st.files.get(&ino).is_some_and(|f| f.lsn > 0);
         if has_records {
             checkpoint_locked(&mut st, &self.durable)?;
@@ -244,6 +315,13 @@ impl LocalLog {
     /// and every file leaves the log.
     pub fn before_change(&self) -> Result<(), SysError> {
         let mut st = self.lock();
+        if st.stuck {
+            // Any change may move or replace a file the records name.
+            return Err(SysError::new(
+                libc::EIO,
+                "the write-ahead log failed and holds records until the next start: no change to the tree",
+            ));
+        }
         if st.files.is_empty() && !st.wal.holds_records() {
             return Ok(());
         }
@@ -268,6 +346,7 @@ impl LocalLog {
                 tracing::error!("syncing the write-ahead log: {e}");
                 e.errno
             }),
+            SyncPlan::Refuse => Err(libc::EIO),
             SyncPlan::File => {
                 let r = ordinary();
                 if r.is_err() {
@@ -281,6 +360,9 @@ impl LocalLog {
 
     fn plan_sync(&self, ino: u64, fd: BorrowedFd<'_>, contended: bool) -> SyncPlan {
         let mut st = self.lock();
+        if st.stuck && st.files.contains_key(&ino) {
+            return SyncPlan::Refuse;
+        }
         if st.broken {
             return SyncPlan::File;
         }
@@ -291,8 +373,12 @@ impl LocalLog {
             if st.calm >= CALM_FSYNCS && !st.files.is_empty() {
                 // One writer at a time again: the log costs more than it
                 // saves. Every file leaves it (their fsyncs are ordinary).
-                if let Err(e) = checkpoint_locked(&mut st, &self.durable) {
-                    tracing::error!("checkpoint of the mount's log failed: {e}; no more logging");
+                if checkpoint_locked(&mut st, &self.durable).is_err() {
+                    return if st.files.contains_key(&ino) {
+                        SyncPlan::Refuse
+                    } else {
+                        SyncPlan::File
+                    };
                 }
                 if st.on {
                     tracing::info!(
@@ -350,7 +436,15 @@ impl LocalLog {
         // Everything appended by now is in the file (appends finish under
         // the state's lock before `appended` moves).
         let end = self.lock().appended;
-        match sys::fdatasync(self.sync_fd.as_raw_fd()) {
+        #[cfg(test)]
+        let r = if self.lock().fault != Fault::None {
+            Err(SysError::new(libc::EIO, "test: the log's sync fails"))
+        } else {
+            sys::fdatasync(self.sync_fd.as_raw_fd())
+        };
+        #[cfg(not(test))]
+        let r = sys::fdatasync(self.sync_fd.as_raw_fd());
+        match r {
             Ok(()) => {
                 self.durable.fetch_max(end, Ordering::AcqRel);
                 self.log_syncs.fetch_add(1, Ordering::Relaxed);
@@ -359,10 +453,11 @@ impl LocalLog {
             Err(e) => {
                 // After a failed sync the kernel may drop the dirty pages:
                 // the log cannot be trusted from here on.
+                tracing::error!("syncing the mount's log failed: {e}; no more logging");
                 let mut st = self.lock();
-                st.broken = true;
-                for f in st.files.values_mut() {
-                    f.unlogged = true;
+                if self.break_locked(&mut st) {
+                    // The files themselves are durable now.
+                    return Ok(());
                 }
                 Err(e)
             }
@@ -400,6 +495,18 @@ impl LocalLog {
         self.lock().wal.hold_retiring = true;
     }
 
+    /// Makes the log's writes and syncs fail from now on.
+    #[cfg(test)]
+    pub(crate) fn fail(&self, fault: Fault) {
+        self.lock().fault = fault;
+    }
+
+    /// True once a checkpoint failed (see the module's doc).
+    #[cfg(test)]
+    pub(crate) fn stuck(&self) -> bool {
+        self.lock().stuck
+    }
+
     /// Ends like a crash would: no final checkpoint.
     #[cfg(test)]
     pub(crate) fn crash(self) {
@@ -428,19 +535,52 @@ fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError
         .map(|f| f.fd.as_raw_fd())
         .collect();
     let r = st.syncs.fsync_all(&fds).and_then(|()| {
+        #[cfg(test)]
+        if st.fault == Fault::All {
+            return Err(SysError::new(
+                libc::EIO,
+                "test: the log's header write fails",
+            ));
+        }
         if st.wal.holds_records() {
             st.wal.new_epoch()
         } else {
             Ok(())
         }
     });
-    if r.is_err() {
-        st.broken = true;
+    if let Err(e) = &r {
+        stick_locked(st, &format!("checkpoint: {e}"));
+        return r;
     }
-    // Every file leaves the log either way: its next fsync is ordinary.
+    // Every file leaves the log: its next fsync is ordinary.
     st.files.clear();
-    r?;
     durable.fetch_max(st.appended, Ordering::AcqRel);
+    Ok(())
+}
+
+/// A checkpoint failed, or may not be tried: the records stay live, and
+/// are never retired by this process (a second fsync could succeed over
+/// pages the first one lost); the files they cover stay, refusing writes
+/// and fsyncs.
+fn stick_locked(st: &mut State, why: &str) {
+    let files = st.files.values().filter(|f| f.lsn > 0).count();
+    tracing::error!(
+        "the mount's write-ahead log is stuck ({why}): until hapair restarts, {files} file(s) \
+         refuse writes and fsyncs and the tree refuses changes (EIO); the next start replays the log"
+    );
+    st.broken = true;
+    st.stuck = true;
+    st.files.retain(|_, f| f.lsn > 0);
+}
+
+/// EIO if the log is stuck with records of `ino`.
+fn refuse_if_stuck(st: &State, ino: u64) -> Result<(), SysError> {
+    if st.stuck && st.files.contains_key(&ino) {
+        return Err(SysError::new(
+            libc::EIO,
+            "the write-ahead log failed and holds records of this file until the next start",
+        ));
+    }
     Ok(())
 }
 

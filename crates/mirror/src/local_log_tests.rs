@@ -6,7 +6,7 @@
 
 use super::*;
 use crate::cache_tests::p;
-use crate::local_log::CALM_FSYNCS as CALM;
+use crate::local_log::{Fault, CALM_FSYNCS as CALM};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
@@ -61,11 +61,18 @@ fn write(log: &LocalLog, f: &std::fs::File, ino: u64, off: u64, data: &[u8]) -> 
 
 /// An fsync as the mount makes it; returns true if only the log was synced.
 fn fsync(log: &LocalLog, f: &std::fs::File, ino: u64) -> bool {
+    try_fsync(log, f, ino).unwrap_or_else(|e| panic!("fsync: errno {e}"))
+}
+
+fn try_fsync(log: &LocalLog, f: &std::fs::File, ino: u64) -> Result<bool, i32> {
     log.fsync(ino, f.as_fd(), &mut || {
         f.sync_all()
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
     })
-    .unwrap_or_else(|e| panic!("fsync: errno {e}"))
+}
+
+fn errno<T>(r: Result<T, SysError>) -> Option<i32> {
+    r.err().map(|e| e.errno)
 }
 
 #[test]
@@ -252,4 +259,76 @@ fn only_concurrent_fsyncs_bring_files_into_the_log() {
     log.crash();
     let (_log, replayed) = d.open();
     assert_eq!(replayed, 0, "the checkpoint ended the epoch");
+}
+
+// A failing log (no device-mapper in this kernel to make a real disk fail:
+// the log's own writes and syncs are made to fail, the files' are real).
+
+#[test]
+fn a_failed_log_that_cannot_be_checkpointed_refuses_what_a_replay_would_undo() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    std::fs::write(d.root.join("g"), b"").expect("create g");
+    let g = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.root.join("g"))
+        .expect("open g");
+    let g_ino = g.metadata().expect("stat").ino();
+    fsync(&log, &f, ino);
+    assert!(write(&log, &f, ino, 0, b"first"));
+    assert!(fsync(&log, &f, ino), "\"first\" is durable in the log");
+    log.fail(Fault::All);
+    log.before_logged_write(ino)
+        .expect("the log has not failed yet");
+    assert!(
+        !write(&log, &f, ino, 0, b"SECND"),
+        "the record could not be written"
+    );
+    assert!(log.stuck(), "nor could the log be checkpointed");
+    // A replay will put "first" back over "SECND": nothing may say that
+    // "SECND", or anything after it, is durable.
+    assert_eq!(try_fsync(&log, &f, ino), Err(libc::EIO));
+    assert_eq!(errno(log.before_logged_write(ino)), Some(libc::EIO));
+    assert_eq!(errno(log.before_unlogged_write(ino)), Some(libc::EIO));
+    assert_eq!(errno(log.before_change()), Some(libc::EIO));
+    // A file the log holds nothing of goes on as without a log.
+    log.before_logged_write(g_ino).expect("g has no records");
+    g.write_all_at(b"other", 0).expect("write g");
+    assert!(!log.wrote(g_ino, &p("g"), 0, b"other"));
+    assert_eq!(try_fsync(&log, &g, g_ino), Ok(false));
+    log.crash();
+
+    // The next start: the log is healthy again, and the replay brings back
+    // what the application was told was durable.
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 1);
+    assert_eq!(d.content(), b"first");
+    assert_eq!(std::fs::read(d.root.join("g")).expect("read g"), b"other");
+}
+
+#[test]
+fn a_log_whose_sync_fails_is_checkpointed_and_later_writes_stand() {
+    let d = Dir::new();
+    let (log, _) = d.open();
+    let (f, ino) = d.file();
+    fsync(&log, &f, ino);
+    assert!(write(&log, &f, ino, 0, b"first"));
+    assert!(fsync(&log, &f, ino));
+    log.fail(Fault::Sync);
+    assert!(write(&log, &f, ino, 0, b"SECND"));
+    // The log's sync fails; the checkpoint that follows makes the file
+    // itself durable and retires the records.
+    assert!(try_fsync(&log, &f, ino).is_ok());
+    assert!(!log.stuck());
+    assert_eq!(log.joined(), 0, "every file left the log");
+    assert!(
+        !write(&log, &f, ino, 0, b"THIRD"),
+        "nothing is logged any more"
+    );
+    assert_eq!(try_fsync(&log, &f, ino), Ok(false), "an ordinary fsync");
+    log.crash();
+    let (_log, replayed) = d.open();
+    assert_eq!(replayed, 0, "no record may be put back over THIRD");
+    assert_eq!(d.content(), b"THIRD");
 }
