@@ -48,7 +48,7 @@ use hapair_proto::{RelPath, TimeSet};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Most files in the log at once (each keeps a descriptor for checkpoints).
@@ -81,24 +81,37 @@ struct State {
     calm: u32,
     /// Files joined since the last calm checkpoint (for the log's messages).
     on: bool,
-    /// A checkpoint failed: the log's records stay live until the next
-    /// start replays them; `files` keeps the files they cover (see the
-    /// module's doc).
-    stuck: bool,
     /// Tests: makes the log's writes and syncs fail (see `fail`).
     #[cfg(test)]
     fault: Fault,
 }
 
-/// Failures a test makes the log meet.
-#[cfg(test)]
+/// Failures a test makes the log meet (none outside tests).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) enum Fault {
     None,
     /// The log's fdatasync fails; its header and the files sync.
     Sync,
     /// Every write and sync of the log fails; the files sync.
     All,
+}
+
+/// What the log's users read without its state's lock.
+#[derive(Default)]
+struct Marks {
+    /// `appended` up to which the log is durable.
+    durable: AtomicU64,
+    /// A checkpoint failed: the log's records stay live until the next
+    /// start replays them; `files` keeps the files they cover (see the
+    /// module's doc). Set under the state's lock, never cleared.
+    stuck: AtomicBool,
+}
+
+impl Marks {
+    fn stuck(&self) -> bool {
+        self.stuck.load(Ordering::Acquire)
+    }
 }
 
 /// What an fsync of a file has to do.
@@ -116,8 +129,8 @@ pub struct LocalLog {
     /// Serialises the log's fdatasyncs: the fsyncs that wait meanwhile find
     /// their records covered by the one before (group commit).
     commit: Mutex<()>,
-    /// `appended` up to which the log is durable.
-    durable: AtomicU64,
+    /// How far the log is durable, and whether it is stuck.
+    marks: Marks,
     /// The log file, for fdatasync without the state's lock.
     sync_fd: OwnedFd,
     /// fdatasyncs of the log so far.
@@ -178,12 +191,11 @@ impl LocalLog {
                     syncs: SyncPool::default(),
                     calm: 0,
                     on: false,
-                    stuck: false,
                     #[cfg(test)]
                     fault: Fault::None,
                 }),
                 commit: Mutex::new(()),
-                durable: AtomicU64::new(0),
+                marks: Marks::default(),
                 sync_fd,
                 log_syncs: AtomicU64::new(0),
                 in_flight: AtomicUsize::new(0),
@@ -214,11 +226,11 @@ impl LocalLog {
         if !st.wal.room(len) {
             // This half is full: the log's helper syncs the files its
             // records cover while records go to the other half.
-            if let Err(e) = rotate_locked(&mut st, &self.durable) {
+            if let Err(e) = rotate_locked(&mut st, &self.marks) {
                 // The error may be the helper's fsync of the files: no
                 // checkpoint may retry it (see the module's doc).
                 self.unlogged_locked(&mut st, ino);
-                stick_locked(&mut st, &format!("rotating the log: {e}"));
+                stick_locked(&mut st, &self.marks, &format!("rotating the log: {e}"));
                 return false;
             }
         }
@@ -233,14 +245,7 @@ impl LocalLog {
             TimeSet::Omit,
             data,
         );
-        #[cfg(test)]
-        let r = if st.fault == Fault::All {
-            Err(SysError::new(libc::EIO, "test: the log fails"))
-        } else {
-            st.wal.append(&rec)
-        };
-        #[cfg(not(test))]
-        let r = st.wal.append(&rec);
+        let r = injected(&st, Fault::All).and_then(|()| st.wal.append(&rec));
         let len = rec.len() as u64;
         st.scratch = rec;
         match r {
@@ -263,10 +268,14 @@ impl LocalLog {
 
     /// Before a write to `ino` that will be logged (under the mount's
     /// ordering lock, before it is made): refused with EIO if the log is
-    /// stuck with records of that file (see the module's doc).
+    /// stuck with records of that file (see the module's doc). A write
+    /// that passes just before the log sticks is made but never reported
+    /// durable: its file's fsyncs are refused from then on.
     pub fn before_logged_write(&self, ino: u64) -> Result<(), SysError> {
-        let st = self.lock();
-        refuse_if_stuck(&st, ino)
+        if !self.marks.stuck() {
+            return Ok(()); // no lock on the writers' path while all is well
+        }
+        refuse_if_stuck(&self.lock(), &self.marks, ino)
     }
 
     /// The log failed: nothing more is logged, and it is checkpointed now,
@@ -275,10 +284,10 @@ impl LocalLog {
     /// file durable.
     fn break_locked(&self, st: &mut State) -> bool {
         st.broken = true;
-        if st.stuck {
+        if self.marks.stuck() {
             return false;
         }
-        match checkpoint_locked(st, &self.durable) {
+        match checkpoint_locked(st, &self.marks) {
             Ok(()) => {
                 tracing::warn!(
                     "the mount's log was checkpointed after its failure: fsyncs are ordinary from now on"
@@ -295,10 +304,10 @@ impl LocalLog {
     /// (a replay must never put them back over this write).
     pub fn before_unlogged_write(&self, ino: u64) -> Result<(), SysError> {
         let mut st = self.lock();
-        refuse_if_stuck(&st, ino)?;
+        refuse_if_stuck(&st, &self.marks, ino)?;
         let has_records = st.files.get(&ino).is_some_and(|f| f.lsn > 0);
         if has_records {
-            checkpoint_locked(&mut st, &self.durable)?;
+            checkpoint_locked(&mut st, &self.marks)?;
         }
         self.unlogged_locked(&mut st, ino);
         Ok(())
@@ -315,7 +324,7 @@ impl LocalLog {
     /// and every file leaves the log.
     pub fn before_change(&self) -> Result<(), SysError> {
         let mut st = self.lock();
-        if st.stuck {
+        if self.marks.stuck() {
             // Any change may move or replace a file the records name.
             return Err(SysError::new(
                 libc::EIO,
@@ -325,7 +334,7 @@ impl LocalLog {
         if st.files.is_empty() && !st.wal.holds_records() {
             return Ok(());
         }
-        checkpoint_locked(&mut st, &self.durable)
+        checkpoint_locked(&mut st, &self.marks)
     }
 
     /// An fsync of the file `ino`, open as `fd`: one sync of the log if it
@@ -360,7 +369,7 @@ impl LocalLog {
 
     fn plan_sync(&self, ino: u64, fd: BorrowedFd<'_>, contended: bool) -> SyncPlan {
         let mut st = self.lock();
-        if st.stuck && st.files.contains_key(&ino) {
+        if refuse_if_stuck(&st, &self.marks, ino).is_err() {
             return SyncPlan::Refuse;
         }
         if st.broken {
@@ -373,11 +382,10 @@ impl LocalLog {
             if st.calm >= CALM_FSYNCS && !st.files.is_empty() {
                 // One writer at a time again: the log costs more than it
                 // saves. Every file leaves it (their fsyncs are ordinary).
-                if checkpoint_locked(&mut st, &self.durable).is_err() {
-                    return if st.files.contains_key(&ino) {
-                        SyncPlan::Refuse
-                    } else {
-                        SyncPlan::File
+                if checkpoint_locked(&mut st, &self.marks).is_err() {
+                    return match refuse_if_stuck(&st, &self.marks, ino) {
+                        Err(_) => SyncPlan::Refuse,
+                        Ok(()) => SyncPlan::File,
                     };
                 }
                 if st.on {
@@ -426,27 +434,22 @@ impl LocalLog {
     /// Makes the log durable through `lsn` (one fdatasync, or none if a
     /// concurrent one covered it).
     pub fn sync_through(&self, lsn: u64) -> Result<(), SysError> {
-        if self.durable.load(Ordering::Acquire) >= lsn {
+        if self.marks.durable.load(Ordering::Acquire) >= lsn {
             return Ok(());
         }
         let _c = self.commit.lock().unwrap_or_else(|p| p.into_inner());
-        if self.durable.load(Ordering::Acquire) >= lsn {
+        if self.marks.durable.load(Ordering::Acquire) >= lsn {
             return Ok(());
         }
         // Everything appended by now is in the file (appends finish under
         // the state's lock before `appended` moves).
         let end = self.lock().appended;
-        #[cfg(test)]
-        let r = if self.lock().fault != Fault::None {
-            Err(SysError::new(libc::EIO, "test: the log's sync fails"))
-        } else {
-            sys::fdatasync(self.sync_fd.as_raw_fd())
-        };
-        #[cfg(not(test))]
-        let r = sys::fdatasync(self.sync_fd.as_raw_fd());
+        let r = self
+            .injected_sync()
+            .and_then(|()| sys::fdatasync(self.sync_fd.as_raw_fd()));
         match r {
             Ok(()) => {
-                self.durable.fetch_max(end, Ordering::AcqRel);
+                self.marks.durable.fetch_max(end, Ordering::AcqRel);
                 self.log_syncs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -495,6 +498,17 @@ impl LocalLog {
         self.lock().wal.hold_retiring = true;
     }
 
+    /// Tests: the failure made for the log's sync (see `Fault`).
+    #[cfg(test)]
+    fn injected_sync(&self) -> Result<(), SysError> {
+        injected(&self.lock(), Fault::Sync)
+    }
+
+    #[cfg(not(test))]
+    fn injected_sync(&self) -> Result<(), SysError> {
+        Ok(())
+    }
+
     /// Makes the log's writes and syncs fail from now on.
     #[cfg(test)]
     pub(crate) fn fail(&self, fault: Fault) {
@@ -504,7 +518,7 @@ impl LocalLog {
     /// True once a checkpoint failed (see the module's doc).
     #[cfg(test)]
     pub(crate) fn stuck(&self) -> bool {
-        self.lock().stuck
+        self.marks.stuck()
     }
 
     /// Ends like a crash would: no final checkpoint.
@@ -516,18 +530,18 @@ impl LocalLog {
 
 /// Goes on in the other half of the log (see `Wal::rotate`); the files
 /// stay in the log.
-fn rotate_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError> {
+fn rotate_locked(st: &mut State, marks: &Marks) -> Result<(), SysError> {
     let mut fds = Vec::new();
     for f in st.files.values().filter(|f| f.lsn > 0) {
         fds.push(sys::dup(f.fd.as_raw_fd())?);
     }
     st.wal.rotate(fds)?;
     // The rotation synced the log.
-    durable.fetch_max(st.appended, Ordering::AcqRel);
+    marks.durable.fetch_max(st.appended, Ordering::AcqRel);
     Ok(())
 }
 
-fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError> {
+fn checkpoint_locked(st: &mut State, marks: &Marks) -> Result<(), SysError> {
     let fds: Vec<_> = st
         .files
         .values()
@@ -535,13 +549,7 @@ fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError
         .map(|f| f.fd.as_raw_fd())
         .collect();
     let r = st.syncs.fsync_all(&fds).and_then(|()| {
-        #[cfg(test)]
-        if st.fault == Fault::All {
-            return Err(SysError::new(
-                libc::EIO,
-                "test: the log's header write fails",
-            ));
-        }
+        injected(st, Fault::All)?;
         if st.wal.holds_records() {
             st.wal.new_epoch()
         } else {
@@ -549,12 +557,12 @@ fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError
         }
     });
     if let Err(e) = &r {
-        stick_locked(st, &format!("checkpoint: {e}"));
+        stick_locked(st, marks, &format!("checkpoint: {e}"));
         return r;
     }
     // Every file leaves the log: its next fsync is ordinary.
     st.files.clear();
-    durable.fetch_max(st.appended, Ordering::AcqRel);
+    marks.durable.fetch_max(st.appended, Ordering::AcqRel);
     Ok(())
 }
 
@@ -562,20 +570,40 @@ fn checkpoint_locked(st: &mut State, durable: &AtomicU64) -> Result<(), SysError
 /// are never retired by this process (a second fsync could succeed over
 /// pages the first one lost); the files they cover stay, refusing writes
 /// and fsyncs.
-fn stick_locked(st: &mut State, why: &str) {
+fn stick_locked(st: &mut State, marks: &Marks, why: &str) {
     let files = st.files.values().filter(|f| f.lsn > 0).count();
     tracing::error!(
         "the mount's write-ahead log is stuck ({why}): until hapair restarts, {files} file(s) \
          refuse writes and fsyncs and the tree refuses changes (EIO); the next start replays the log"
     );
     st.broken = true;
-    st.stuck = true;
+    marks.stuck.store(true, Ordering::Release);
     st.files.retain(|_, f| f.lsn > 0);
 }
 
+/// Tests: EIO if the failure made for the log (see `Fault`) covers `at`
+/// (`Sync`: the log's sync; `All`: its writes and header too).
+#[cfg(test)]
+fn injected(st: &State, at: Fault) -> Result<(), SysError> {
+    let fails = match st.fault {
+        Fault::None => false,
+        Fault::Sync => at == Fault::Sync,
+        Fault::All => true,
+    };
+    if fails {
+        return Err(SysError::new(libc::EIO, "test: the log fails"));
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+fn injected(_: &State, _: Fault) -> Result<(), SysError> {
+    Ok(())
+}
+
 /// EIO if the log is stuck with records of `ino`.
-fn refuse_if_stuck(st: &State, ino: u64) -> Result<(), SysError> {
-    if st.stuck && st.files.contains_key(&ino) {
+fn refuse_if_stuck(st: &State, marks: &Marks, ino: u64) -> Result<(), SysError> {
+    if marks.stuck() && st.files.contains_key(&ino) {
         return Err(SysError::new(
             libc::EIO,
             "the write-ahead log failed and holds records of this file until the next start",
@@ -592,7 +620,7 @@ impl Drop for LocalLog {
         if st.broken || !st.wal.holds_records() {
             return;
         }
-        if let Err(e) = checkpoint_locked(&mut st, &self.durable) {
+        if let Err(e) = checkpoint_locked(&mut st, &self.marks) {
             tracing::error!("final checkpoint of the mount's log failed: {e}");
         }
     }
